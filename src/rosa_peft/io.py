@@ -1,0 +1,67 @@
+"""Crash-safe file writing: write to a temporary file beside the target, then rename."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staged_directory(final_dir: str, overwrite: bool = True) -> Iterator[str]:
+    """Yield a temporary directory beside ``final_dir``; on success it replaces ``final_dir``.
+
+    On any exception the temporary directory is removed and ``final_dir`` is left untouched, so a
+    failed run never leaves a half-written output directory behind.
+    """
+    final_dir = os.path.abspath(final_dir)
+    parent = os.path.dirname(final_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final_dir)}.tmp-")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final_dir):
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{final_dir} already exists")
+        backup = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final_dir)}.old-")
+        os.rmdir(backup)
+        os.replace(final_dir, backup)
+        os.replace(tmp, final_dir)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(tmp, final_dir)

@@ -1,0 +1,100 @@
+"""The one place that decides which implementation of a sparse op runs.
+
+Backends register per op; ``choose(op, ...)`` picks by device, dtype, shape and density. The decision
+is inspectable: ``explain()`` returns it as text, and ``ROSA_PEFT_SPARSE_BACKEND=name`` forces one
+backend for every op that has it (for tests and benchmarks).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import ops
+from .storage import SparseAdapter
+
+log = logging.getLogger("rosa_peft.sparse")
+
+# CPU: torch's CSR SDDMM wins below this density; above it the dense GEMM + gather is cheaper.
+SAMPLED_ADDMM_MAX_DENSITY = 0.05
+
+
+@dataclass
+class Backend:
+    name: str
+    fn: Callable
+    supports: Callable[..., bool]  # (device_type, dtype, sp) -> bool
+    note: str = ""
+
+
+_REGISTRY: dict[str, list[Backend]] = {"sddmm": []}
+
+
+def register(op: str, backend: Backend, first: bool = False) -> None:
+    entries = _REGISTRY.setdefault(op, [])
+    entries[:] = [b for b in entries if b.name != backend.name]
+    entries.insert(0 if first else len(entries), backend)
+
+
+def backends(op: str) -> list[str]:
+    return [b.name for b in _REGISTRY.get(op, [])]
+
+
+def _density(sp: SparseAdapter) -> float:
+    return sp.nnz / max(1, sp.out_features * sp.in_features)
+
+
+register(
+    "sddmm",
+    Backend(
+        "sampled_addmm",
+        ops.sddmm_sampled_addmm,
+        lambda device, dtype, sp: device == "cpu" and _density(sp) <= SAMPLED_ADDMM_MAX_DENSITY,
+        "torch CSR SDDMM in fp32 (CPU, low density)",
+    ),
+)
+register(
+    "sddmm",
+    Backend("dense_gather", ops.sddmm_dense_gather, lambda device, dtype, sp: True, "row-chunked dense dOᵀX + gather"),
+)
+
+
+def choose(op: str, device_type: str, dtype: torch.dtype, sp: SparseAdapter) -> Backend:
+    entries = _REGISTRY[op]
+    forced = os.environ.get("ROSA_PEFT_SPARSE_BACKEND")
+    if forced:
+        for b in entries:
+            if b.name == forced:
+                return b
+    for b in entries:
+        if b.supports(device_type, dtype, sp):
+            return b
+    return entries[-1]
+
+
+def sddmm(grad_out: torch.Tensor, x: torch.Tensor, sp: SparseAdapter) -> torch.Tensor:
+    """Gradient of the sparse values: (grad_outᵀ · x) at the mask positions, float32 or float64."""
+    backend = choose("sddmm", grad_out.device.type, grad_out.dtype, sp)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("sddmm %s nnz=%d dtype=%s -> %s", sp.shape, sp.nnz, grad_out.dtype, backend.name)
+    return backend.fn(grad_out, x, sp)
+
+
+def explain(device_type: str, dtype: torch.dtype, sp: SparseAdapter) -> str:
+    lines = []
+    for op in _REGISTRY:
+        b = choose(op, device_type, dtype, sp)
+        lines.append(f"{op}: {b.name} ({b.note}) for shape={sp.shape} nnz={sp.nnz} density={_density(sp):.4%} "
+                     f"device={device_type} dtype={dtype}; candidates: {', '.join(backends(op))}")
+    return "\n".join(lines)
+
+
+# Dense scatter / gather / spmm have a single torch implementation each today; they go through here
+# so a faster backend can slot in without touching the layer.
+add_into = ops.add_into
+write_into = ops.write_into
+gather_from = ops.gather_from
+spmm = ops.spmm

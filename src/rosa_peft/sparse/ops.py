@@ -1,0 +1,95 @@
+"""PyTorch implementations of the sparse ops (CPU and GPU, any float dtype).
+
+Conventions: ``grad_out`` is (T, out), ``x`` is (T, in); a sparse adapter covers an (out, in) weight.
+All results that are gradients of the sparse values come back in float32 or float64 (accumulated in
+at least float32), the caller casts them to the values' dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from .storage import SparseAdapter
+
+# Bound on the dense (rows x active cols) block the chunked SDDMM materialises at once (elements).
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sddmm_dense_gather(
+    grad_out: torch.Tensor, x: torch.Tensor, sp: SparseAdapter, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """(grad_outᵀ · x) at the mask positions, via dense GEMMs over row chunks.
+
+    Structure-aware: only rows and columns that hold non-zeros take part (RoSA masks concentrate in a
+    subset of rows and columns), and the dense block is chunked over rows so at most
+    ``chunk_elements`` entries live at once.
+    """
+    acc = _acc_dtype(grad_out.dtype)
+    rows = sp.row_indices()
+    cols = sp.col_indices.to(torch.int64)
+    out = torch.empty(sp.nnz, dtype=acc, device=grad_out.device)
+    if sp.nnz == 0:
+        return out
+    active_cols, col_pos = torch.unique(cols, return_inverse=True)
+    x_active = x.index_select(1, active_cols).to(acc)  # (T, C)
+    row_counts = sp.row_offsets.to(torch.int64).diff()
+    active_rows = torch.nonzero(row_counts, as_tuple=True)[0]
+    offsets = sp.row_offsets.to(torch.int64)
+    n_cols = max(1, active_cols.numel())
+    step = max(1, chunk_elements // n_cols)
+    for start in range(0, active_rows.numel(), step):
+        block_rows = active_rows[start : start + step]
+        g = grad_out.index_select(1, block_rows).to(acc).t() @ x_active  # (R, C)
+        lo = int(offsets[block_rows[0]])
+        hi = int(offsets[block_rows[-1] + 1])
+        local_row = torch.searchsorted(block_rows, rows[lo:hi])
+        out[lo:hi] = g[local_row, col_pos[lo:hi]]
+    return out
+
+
+def sddmm_sampled_addmm(grad_out: torch.Tensor, x: torch.Tensor, sp: SparseAdapter) -> torch.Tensor:
+    """(grad_outᵀ · x) at the mask positions with ``torch.sparse.sampled_addmm`` (float32/64 CSR)."""
+    acc = _acc_dtype(grad_out.dtype)
+    if sp.nnz == 0:
+        return torch.empty(0, dtype=acc, device=grad_out.device)
+    pattern = torch.sparse_csr_tensor(
+        sp.row_offsets.to(torch.int64),
+        sp.col_indices.to(torch.int64),
+        torch.zeros(sp.nnz, dtype=acc, device=grad_out.device),
+        size=sp.shape,
+    )
+    res = torch.sparse.sampled_addmm(pattern, grad_out.to(acc).t().contiguous(), x.to(acc).contiguous(), beta=0.0)
+    return res.values()
+
+
+def add_into(dense: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
+    """dense[mask] += values (in place, in dense's dtype); returns dense."""
+    if sp.nnz:
+        dense.view(-1).index_add_(0, sp.flat_indices(), values.to(dense.dtype))
+    return dense
+
+
+def write_into(dense: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
+    """dense[mask] = values (in place); returns dense."""
+    if sp.nnz:
+        dense.view(-1).index_copy_(0, sp.flat_indices(), values.to(dense.dtype))
+    return dense
+
+
+def gather_from(dense: torch.Tensor, sp: SparseAdapter) -> torch.Tensor:
+    """dense[mask] as a flat (nnz,) tensor."""
+    return dense.reshape(-1).index_select(0, sp.flat_indices())
+
+
+def spmm(x: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
+    """x · Sᵀ for x (T, in) -> (T, out), computed in at least float32 through a CSR matmul."""
+    acc = _acc_dtype(x.dtype)
+    if sp.nnz == 0:
+        return x.new_zeros(x.shape[0], sp.out_features)
+    s = torch.sparse_csr_tensor(
+        sp.row_offsets.to(torch.int64), sp.col_indices.to(torch.int64), values.to(acc), size=sp.shape
+    )
+    return (s @ x.to(acc).t()).t().to(x.dtype)
