@@ -205,14 +205,24 @@ class RosaModel(nn.Module):
             self.peft_config[name].save_pretrained(target)
 
     def load_adapter(self, adapter_dir: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
+        """Add an adapter saved by ``save_pretrained`` under ``adapter_name``."""
         config = RosaConfig.from_pretrained(adapter_dir)
         config.inference_mode = not is_trainable
         state = _read_adapter_file(adapter_dir)
         _check_state_fits(self.model, config, state, adapter_dir)
         self._inject(adapter_name, config)
-        layers = dict(self.rosa_layers())
+        self._load_state(state, adapter_name)
+
+    def load_adapter_weights(self, adapter_dir: str, adapter_name: Optional[str] = None) -> None:
+        """Overwrite an existing adapter's A, B, masks and sparse values from a saved directory."""
+        name = adapter_name or self.active_adapter
+        state = _read_adapter_file(adapter_dir)
+        _check_state_fits(self.model, self.peft_config[name], state, adapter_dir)
+        self._load_state(state, name)
+
+    def _load_state(self, state: dict, adapter_name: str) -> None:
         with torch.no_grad():
-            for key, layer in layers.items():
+            for key, layer in self.rosa_layers():
                 if adapter_name not in layer.rosa_spa:
                     continue
                 if adapter_name in layer.lora_A:
@@ -318,6 +328,9 @@ def _check_state_fits(model: nn.Module, config: RosaConfig, state: dict, adapter
             raise ValueError(f"{adapter_dir}: {key!r} has shape {tuple(tensor.shape)}, the base model needs {expected}")
         if part == "rosa_spa.col_indices" and tensor.numel() and int(tensor.max()) >= in_f:
             raise ValueError(f"{adapter_dir}: {key!r} indexes column {int(tensor.max())} of a {in_f}-column weight")
+    for module_name in names:
+        if config.rank_for(module_name) > 0 and f"{module_name}.lora_A.weight" not in state:
+            raise ValueError(f"{adapter_dir}: no LoRA weights for target module {module_name!r}")
 
 
 def get_rosa_model(model: nn.Module, config: RosaConfig, adapter_name: str = "default") -> RosaModel:

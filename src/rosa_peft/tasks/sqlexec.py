@@ -35,14 +35,16 @@ def build_database(tables: Mapping[str, Rows], context: Optional[str] = None) ->
             for column in row:
                 if column not in columns:
                     columns.append(column)
-        existing = [r[1] for r in conn.execute(f"PRAGMA table_info({_quote(table)})")]
+        # sqlite identifiers are case-insensitive: compare names lowercased.
+        existing = {r[1].lower() for r in conn.execute(f"PRAGMA table_info({_quote(table)})")}
         if not existing:
             cols = ", ".join(_quote(c) for c in columns) or '"_empty"'
             conn.execute(f"CREATE TABLE {_quote(table)} ({cols})")
-            existing = list(columns)
+            existing = {c.lower() for c in columns}
         for column in columns:
-            if column not in existing:
+            if column.lower() not in existing:
                 conn.execute(f"ALTER TABLE {_quote(table)} ADD COLUMN {_quote(column)}")
+                existing.add(column.lower())
         for row in rows:
             keys = list(row)
             if not keys:

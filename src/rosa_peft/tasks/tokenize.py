@@ -1,0 +1,180 @@
+"""Tokenising examples the way the RoSA code does, a Dataset over them, and a padding collator.
+
+* prompt and response are tokenised separately: the prompt with the tokenizer's special tokens,
+  the response with ``add_special_tokens=False``; EOS is appended to the response if missing;
+* labels are -100 on the prompt, so the loss is on the response only;
+* an example whose prompt has ``max_seq_len`` tokens or more is dropped;
+* a response that does not fit keeps its *last* tokens (as llm-foundry's collator does,
+  ``target[-n:]``) and its final token is forced to EOS.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from .base import Example, Task
+
+IGNORE_INDEX = -100
+
+logger = logging.getLogger(__name__)
+
+
+def _eos_id(tokenizer) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("tokenizer has no eos_token_id; set tokenizer.eos_token before encoding")
+    return int(eos)
+
+
+def _ids(tokenizer, text: str, add_special_tokens: bool) -> List[int]:
+    encoded = tokenizer(text, add_special_tokens=add_special_tokens)
+    return list(encoded["input_ids"])
+
+
+def _fields(example: Union[Example, Mapping[str, Any]]):
+    if isinstance(example, Example):
+        return example.prompt, example.response
+    if isinstance(example, Mapping):
+        for key in ("prompt", "response"):
+            if not isinstance(example.get(key), str):
+                raise ValueError(f"example is missing a string {key!r} field: {dict(example)!r:.200}")
+        return example["prompt"], example["response"]
+    raise ValueError(f"expected an Example or a mapping with prompt/response, got {type(example).__name__}")
+
+
+def encode_example(tokenizer, example: Union[Example, Mapping[str, Any]],
+                   max_seq_len: int) -> Optional[Dict[str, List[int]]]:
+    """``{"input_ids", "attention_mask", "labels"}`` as lists, or None when the prompt is too long."""
+    return _encode(tokenizer, example, max_seq_len)[0]
+
+
+def _encode(tokenizer, example, max_seq_len: int):
+    """``(features or None, response_was_truncated)``."""
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    prompt, response = _fields(example)
+    eos = _eos_id(tokenizer)
+    prompt_ids = _ids(tokenizer, prompt, add_special_tokens=True)
+    response_ids = _ids(tokenizer, response, add_special_tokens=False)
+    if not response_ids or response_ids[-1] != eos:
+        response_ids.append(eos)
+    if len(prompt_ids) >= max_seq_len:
+        return None, False
+    room = max_seq_len - len(prompt_ids)
+    truncated = len(response_ids) > room
+    if truncated:
+        response_ids = response_ids[-room:]
+        response_ids[-1] = eos
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}, truncated
+
+
+class EncodedDataset(Dataset):
+    """Encoded examples. ``n_total``, ``n_dropped`` (prompt too long) and ``n_truncated``
+    (response cut to fit) say what happened during encoding."""
+
+    def __init__(self, features: List[Dict[str, List[int]]], n_total: int, n_dropped: int,
+                 n_truncated: int, examples: Optional[List[Example]] = None):
+        self.features = features
+        self.n_total = n_total
+        self.n_dropped = n_dropped
+        self.n_truncated = n_truncated
+        self.examples = examples if examples is not None else []
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> Dict[str, List[int]]:
+        return self.features[index]
+
+    def __repr__(self) -> str:
+        return (f"EncodedDataset(n={len(self)}, n_total={self.n_total}, n_dropped={self.n_dropped}, "
+                f"n_truncated={self.n_truncated})")
+
+
+def build_dataset(task_or_examples: Union[Task, str, Iterable[Example]], tokenizer, max_seq_len: int,
+                  split: Optional[str] = None, limit: Optional[int] = None) -> EncodedDataset:
+    """Encode a task's split (a Task, or a task name for :func:`get_task`) or a list of examples.
+
+    Dropped examples are counted in ``n_dropped`` and logged. ``split`` only applies to tasks.
+    An empty result from a non-empty input raises ValueError (a too-small ``max_seq_len``).
+    """
+    if isinstance(task_or_examples, str):
+        from .registry import get_task  # noqa: PLC0415 - avoid an import cycle
+        task_or_examples = get_task(task_or_examples)
+    if isinstance(task_or_examples, Task):
+        examples = task_or_examples.load(split=split, limit=limit)
+        source = f"task {task_or_examples.name!r} split {task_or_examples.check_split(split)!r}"
+    else:
+        if split is not None:
+            raise ValueError("split= only applies when a Task (or task name) is given, not a list of examples")
+        examples = list(task_or_examples)
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+                raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
+            examples = examples[:limit]
+        source = "examples"
+    features: List[Dict[str, List[int]]] = []
+    kept: List[Example] = []
+    n_truncated = 0
+    for example in examples:
+        encoded, truncated = _encode(tokenizer, example, max_seq_len)
+        if encoded is None:
+            continue
+        n_truncated += int(truncated)
+        features.append(encoded)
+        kept.append(example if isinstance(example, Example) else Example(*_fields(example)))
+    n_dropped = len(examples) - len(features)
+    if n_dropped or n_truncated:
+        logger.warning("%s: dropped %d of %d examples (prompt >= %d tokens); truncated %d responses",
+                       source, n_dropped, len(examples), max_seq_len, n_truncated)
+    if examples and not features:
+        raise ValueError(f"{source}: all {len(examples)} examples were dropped because their prompt has "
+                         f">= max_seq_len={max_seq_len} tokens; raise max_seq_len")
+    return EncodedDataset(features, len(examples), n_dropped, n_truncated, kept)
+
+
+class Collator:
+    """Right-pads a list of encoded examples into tensors.
+
+    ``input_ids`` are padded with the pad id (EOS when the tokenizer has no pad token),
+    ``attention_mask`` with 0 and ``labels`` with -100. Works as an HF Trainer ``data_collator``.
+    """
+
+    def __init__(self, tokenizer, pad_to_multiple_of: Optional[int] = None):
+        if pad_to_multiple_of is not None and (
+                isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
+                or pad_to_multiple_of < 1):
+            raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {pad_to_multiple_of!r}")
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad) if pad is not None else _eos_id(tokenizer)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("Collator got an empty batch")
+        ids = [_as_list(f["input_ids"]) for f in features]
+        length = max(len(x) for x in ids)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.tensor([x + [self.pad_id] * (length - len(x)) for x in ids], dtype=torch.long),
+            "attention_mask": torch.tensor(
+                [_as_list(f.get("attention_mask", [1] * len(x))) + [0] * (length - len(x))
+                 for f, x in zip(features, ids)], dtype=torch.long),
+        }
+        if all("labels" in f for f in features):
+            batch["labels"] = torch.tensor(
+                [_as_list(f["labels"]) + [IGNORE_INDEX] * (length - len(x)) for f, x in zip(features, ids)],
+                dtype=torch.long)
+        return batch
+
+
+def _as_list(values) -> List[int]:
+    if isinstance(values, torch.Tensor):
+        return values.tolist()
+    return list(values)

@@ -1,0 +1,69 @@
+"""What a training run leaves behind: a metrics jsonl (written as it goes) and a loss-curve PNG."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+from transformers import TrainerCallback
+
+
+class MetricsWriter(TrainerCallback):
+    """Appends every Trainer log record and every schedule phase change to ``metrics.jsonl``."""
+
+    def __init__(self, path: str, append: bool = False):
+        self.path = path
+        self.t0 = time.time()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if not append:
+            open(path, "w", encoding="utf-8").close()
+
+    def _write(self, record: dict) -> None:
+        record = {"time_s": round(time.time() - self.t0, 3), **record}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def phase(self, phase: str, info: dict) -> None:
+        self._write({"event": "phase", "phase": phase, **{k: str(v) for k, v in info.items()}})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            self._write({"event": "log", "step": state.global_step, **logs})
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_loss(metrics_path: str, png_path: str, title: Optional[str] = None) -> Optional[str]:
+    """Loss per optimizer step, one line per phase (warm-up and the restarted run). None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    series: dict[str, tuple[list, list]] = {}
+    for rec in read_metrics(metrics_path):
+        if rec.get("event") == "log" and "loss" in rec:
+            xs, ys = series.setdefault(rec.get("phase") or "train", ([], []))
+            xs.append(rec["step"])
+            ys.append(rec["loss"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
+    for phase, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="." if len(xs) < 60 else None, label=phase)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (response tokens)")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend()
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path

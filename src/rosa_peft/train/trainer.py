@@ -1,0 +1,183 @@
+"""RosaTrainer: HF ``Trainer`` running the whole RoSA schedule in one process.
+
+``train()`` = [warm-up: LoRA-only steps on the full run's LR schedule] -> [masks: gradient scoring on
+the micro-batches that follow the warm-up, top-k] -> [restart: fresh LoRA init from the seed, a new
+optimizer and LR schedule, LoRA + sparse from step 0]. Checkpoints hold the adapter (safetensors +
+json), the masks and the schedule position, so ``train(resume_from_checkpoint=...)`` picks up the
+masks and continues the restarted run exactly; warm-up steps are never checkpointed (they are cheap
+and deterministic, and their LoRA weights are thrown away anyway).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Iterator, Optional
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint, set_seed
+
+from ..io import atomic_write_text
+from ..model import RosaModel
+from .optim import adapter_param_groups
+from .schedule import ScheduleConfig, init_adapter_weights
+
+log = logging.getLogger("rosa_peft.train")
+
+MASKS_FILE = "masks.safetensors"
+SCHEDULE_FILE = "rosa_schedule.json"
+
+
+class _PhaseCallback(TrainerCallback):
+    """Tags every log record with the phase and keeps warm-up steps out of checkpoints."""
+
+    def __init__(self, trainer: "RosaTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.phase == "warmup":
+            control.should_save = False
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None:
+            logs["phase"] = self.trainer.phase
+
+
+class RosaTrainer(Trainer):
+    def __init__(self, *args, schedule: Optional[ScheduleConfig] = None, lora_lr: Optional[float] = None,
+                 phase_listener=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if schedule is None:
+            has_density = isinstance(self.model, RosaModel) and self.model.peft_config[self.model.active_adapter].density > 0
+            schedule = ScheduleConfig(mode="rosa" if has_density else "lora_only", seed=self.args.seed)
+        self.schedule = schedule
+        self.lora_lr = lora_lr
+        self.phase: Optional[str] = None
+        self.phase_listener = phase_listener
+        self._scheduler_total_steps: Optional[int] = None
+        self.add_callback(_PhaseCallback(self))
+
+    # ---- optimizer / LR schedule ----------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = adapter_param_groups(model or self.model, self.args.learning_rate, self.lora_lr,
+                                          self.args.weight_decay)
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate,
+                                               betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                               eps=self.args.adam_epsilon)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # the warm-up phase runs on the full run's schedule, so its steps match the restarted run's
+        return super().create_scheduler(self._scheduler_total_steps or num_training_steps, optimizer)
+
+    # ---- the schedule ----------------------------------------------------------------------------
+    def _enter_phase(self, phase: str, **info) -> None:
+        self.phase = phase
+        msg = f"RoSA schedule: phase -> {phase}" + "".join(f", {k}={v}" for k, v in info.items())
+        log.info(msg)
+        if self.phase_listener is not None:
+            self.phase_listener(phase, info)
+
+    def full_run_steps(self) -> int:
+        if self.args.max_steps and self.args.max_steps > 0:
+            return int(self.args.max_steps)
+        n_batches = len(self.get_train_dataloader())
+        accum = self.args.gradient_accumulation_steps
+        per_epoch = max(n_batches // accum + int(n_batches % accum > 0), 1)
+        return int(math.ceil(self.args.num_train_epochs * per_epoch))
+
+    def _micro_batches(self, skip: int, take: int) -> Iterator[dict]:
+        """``take`` micro-batches in training order after skipping ``skip`` (cycling epochs if needed)."""
+        device = next(p.device for p in self.model.parameters())
+        seen = 0
+        while True:
+            produced = False
+            for batch in self.get_train_dataloader():
+                produced = True
+                if seen >= skip:
+                    yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                seen += 1
+                if seen >= skip + take:
+                    return
+            if not produced:
+                raise ValueError("the training dataset is empty")
+
+    def obtain_masks(self) -> dict:
+        """Run the pre-training part of the schedule and install the masks; returns them."""
+        from ..masks import compute_masks, load_masks
+
+        model: RosaModel = self.model
+        sched = self.schedule
+        if sched.mode == "masks_file":
+            self._enter_phase("masks", source=sched.masks_path)
+            masks = load_masks(sched.masks_path)
+        else:
+            init_adapter_weights(model, sched.seed)
+            if sched.warmup_steps > 0:
+                total = self.full_run_steps()
+                self._enter_phase("warmup", steps=sched.warmup_steps, lr_schedule_steps=total)
+                saved_max_steps = self.args.max_steps
+                self.args.max_steps = sched.warmup_steps
+                self._scheduler_total_steps = total
+                try:
+                    set_seed(self.args.seed)
+                    super().train()
+                finally:
+                    self.args.max_steps = saved_max_steps
+                    self._scheduler_total_steps = None
+                    self.optimizer = None
+                    self.lr_scheduler = None
+            accum = self.args.gradient_accumulation_steps
+            n = sched.mask_grad_steps * accum
+            self._enter_phase("masks", criterion=sched.mask_criterion, micro_batches=n, budget=sched.mask_budget)
+            batches = list(self._micro_batches(sched.warmup_steps * accum, n))
+            masks = compute_masks(model, batches, criterion=sched.mask_criterion, budget=sched.mask_budget,
+                                  seed=sched.seed, progress=not self.args.disable_tqdm)
+        model.set_masks(masks)
+        init_adapter_weights(model, sched.seed)  # the restart: a fresh LoRA init from the same seed
+        return masks
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        ckpt = resume_from_checkpoint
+        if isinstance(ckpt, bool):
+            ckpt = get_last_checkpoint(self.args.output_dir) if ckpt else None
+            if resume_from_checkpoint and ckpt is None:
+                raise ValueError(f"no checkpoint found in {self.args.output_dir}")
+        model = self.model
+        if isinstance(model, RosaModel) and self.schedule.needs_masks and not model.get_masks():
+            if ckpt and os.path.isfile(os.path.join(ckpt, MASKS_FILE)):
+                from ..masks import load_masks
+
+                self._enter_phase("masks", source=os.path.join(ckpt, MASKS_FILE))
+                model.set_masks(load_masks(os.path.join(ckpt, MASKS_FILE)))
+            else:
+                self.obtain_masks()
+        self._enter_phase("train", steps=self.full_run_steps(), resumed_from=ckpt or "-")
+        set_seed(self.args.seed)
+        return super().train(resume_from_checkpoint=ckpt, **kwargs)
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        output_dir = output_dir or self.args.output_dir
+        if not isinstance(self.model, RosaModel):
+            return super()._save(output_dir, state_dict)
+        from ..masks import save_masks
+
+        os.makedirs(output_dir, exist_ok=True)
+        self.model.save_pretrained(output_dir)
+        masks = self.model.get_masks()
+        if masks:
+            save_masks(masks, os.path.join(output_dir, MASKS_FILE))
+        atomic_write_text(os.path.join(output_dir, SCHEDULE_FILE),
+                          json.dumps({"phase": self.phase, **self.schedule.to_dict()}, indent=2) + "\n")
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
+        if not isinstance(self.model, RosaModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.model.load_adapter_weights(resume_from_checkpoint)

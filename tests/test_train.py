@@ -1,0 +1,166 @@
+"""The one-process RoSA schedule on HF Trainer (tiny Llama, CPU, fp32)."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+from conftest import make_tiny_llama
+from rosa_peft import RosaConfig, RosaModel, get_rosa_model
+from rosa_peft.train import RosaTrainer, ScheduleConfig, init_adapter_weights, resolve_budget
+from rosa_peft.train.budget import budget_units
+from rosa_peft.train.outputs import MetricsWriter, read_metrics
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n=24, seq=12):
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, 128, (n, seq), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _trainer(tmp_path, model, max_steps=6, schedule=None, callbacks=(), save_steps=0, listener=None):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "ckpt"), max_steps=max_steps, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, learning_rate=5e-3, warmup_steps=1, logging_steps=1,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 10, report_to=[], use_cpu=True,
+        disable_tqdm=True, seed=3, data_seed=3, remove_unused_columns=False)
+    return RosaTrainer(model=model, args=args, train_dataset=_Data(), schedule=schedule, lora_lr=1e-2,
+                       callbacks=list(callbacks), phase_listener=listener)
+
+
+def _rosa(seed=0, dropout=0.1):
+    return get_rosa_model(make_tiny_llama(seed), RosaConfig(r=2, density=0.05, lora_dropout=dropout))
+
+
+def test_one_process_schedule_phases_restart_and_reload(tmp_path, caplog):
+    model = _rosa()
+    phases = []
+    sched = ScheduleConfig(mode="rosa", warmup_steps=3, mask_grad_steps=1, seed=7)
+    trainer = _trainer(tmp_path, model, schedule=sched, listener=lambda p, info: phases.append(p))
+    masks_seen = {}
+    orig = trainer.obtain_masks
+
+    def spy():
+        masks = orig()
+        masks_seen.update(masks)
+        fresh = _rosa(seed=0)
+        init_adapter_weights(fresh, 7)
+        for (n, l), (_, f) in zip(model.rosa_layers(), fresh.rosa_layers()):
+            assert torch.equal(l.lora_A["default"].weight, f.lora_A["default"].weight), n
+            assert torch.equal(l.lora_B["default"].weight, f.lora_B["default"].weight), n
+        return masks
+
+    trainer.obtain_masks = spy
+    with caplog.at_level("INFO", logger="rosa_peft.train"):
+        trainer.train()
+    assert phases == ["warmup", "masks", "train"]
+    assert "phase -> warmup" in caplog.text and "phase -> masks" in caplog.text and "phase -> train" in caplog.text
+    assert trainer.state.global_step == 6
+    for name, layer in model.rosa_layers():
+        sp = layer.rosa_spa["default"]
+        assert sp.nnz == int(0.05 * layer.in_features * layer.out_features)
+        assert torch.equal(sp.to_mask(), masks_seen[name])
+        assert sp.values.abs().sum() > 0
+    model.save_pretrained(tmp_path / "final")
+    model.eval()
+    ids = _Data()[0]["input_ids"][None]
+    loaded = RosaModel.from_pretrained(make_tiny_llama(0), str(tmp_path / "final"))
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_lr_schedule_of_warmup_matches_full_run(tmp_path):
+    lrs = {}
+
+    class Rec(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "learning_rate" in logs:
+                lrs.setdefault(logs.get("phase"), []).append(logs["learning_rate"])
+
+    model = _rosa()
+    trainer = _trainer(tmp_path, model, max_steps=6, schedule=ScheduleConfig(warmup_steps=3, seed=7), callbacks=[Rec()])
+    trainer.train()
+    assert lrs["warmup"] == lrs["train"][:3]
+
+
+class _StopAfter(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    sched = lambda: ScheduleConfig(mode="rosa", warmup_steps=2, seed=5)  # noqa: E731
+    full = _rosa()
+    _trainer(tmp_path / "a", full, max_steps=6, schedule=sched()).train()
+
+    killed = _rosa()
+    _trainer(tmp_path / "b", killed, max_steps=6, schedule=sched(), save_steps=3, callbacks=[_StopAfter(3)]).train()
+    ckpt = tmp_path / "b" / "ckpt" / "checkpoint-3"
+    assert (ckpt / "masks.safetensors").is_file() and (ckpt / "adapter_model.safetensors").is_file()
+    assert json.loads((ckpt / "rosa_schedule.json").read_text())["phase"] == "train"
+
+    resumed = _rosa()
+    phases = []
+    t = _trainer(tmp_path / "b", resumed, max_steps=6, schedule=sched(), save_steps=3,
+                 listener=lambda p, info: phases.append(p))
+    t.train(resume_from_checkpoint=str(ckpt))
+    assert phases == ["masks", "train"]  # masks came from the checkpoint: no warm-up, no scoring
+    fa, fb = full.adapter_state_dict(), resumed.adapter_state_dict()
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]), k
+
+
+def test_spa_only_and_lora_only_modes(tmp_path):
+    spa = get_rosa_model(make_tiny_llama(), RosaConfig(r=0, density=0.05))
+    phases = []
+    _trainer(tmp_path / "s", spa, max_steps=2, schedule=ScheduleConfig(mode="spa_only", seed=1),
+             listener=lambda p, i: phases.append(p)).train()
+    assert phases == ["masks", "train"]
+    assert all(l.rosa_spa["default"].values.abs().sum() > 0 for _, l in spa.rosa_layers())
+    lora = get_rosa_model(make_tiny_llama(), RosaConfig(r=2))
+    phases.clear()
+    _trainer(tmp_path / "l", lora, max_steps=2, listener=lambda p, i: phases.append(p)).train()
+    assert phases == ["train"] and not lora.get_masks()
+
+
+def test_two_optimizer_groups(tmp_path):
+    model = _rosa()
+    model.set_masks({n: torch.rand(l.out_features, l.in_features) < 0.1 for n, l in model.rosa_layers()})
+    opt = _trainer(tmp_path, model).create_optimizer()
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["sparse"]["lr"] == 5e-3 and by_name["lora"]["lr"] == 1e-2
+    assert all(p.dim() == 1 for p in by_name["sparse"]["params"])
+
+
+def test_budget_equalises_trainable_counts():
+    base = make_tiny_llama()
+    per_rank, total = budget_units(base)
+    counts = {}
+    for method in ("lora", "spa", "rosa"):
+        r, d = resolve_budget(method, 8 * per_rank, per_rank, total)
+        counts[method] = r * per_rank + sum(int(d * base.get_submodule(n).weight.numel())
+                                            for n in [n for n, m in base.named_modules() if n.endswith("_proj")])
+    assert max(counts.values()) / min(counts.values()) < 1.02, counts
+    with pytest.raises(ValueError, match="too small"):
+        resolve_budget("rosa", per_rank, per_rank, total)
+    with pytest.raises(ValueError, match="too small"):
+        resolve_budget("lora", per_rank // 3, per_rank, total)
+
+
+def test_metrics_writer(tmp_path):
+    w = MetricsWriter(str(tmp_path / "m.jsonl"))
+    w.phase("warmup", {"steps": 3})
+    recs = read_metrics(str(tmp_path / "m.jsonl"))
+    assert recs[0]["event"] == "phase" and recs[0]["phase"] == "warmup"
+    assert os.path.getsize(tmp_path / "m.jsonl") > 0
