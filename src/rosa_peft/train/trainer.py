@@ -31,7 +31,7 @@ SCHEDULE_FILE = "rosa_schedule.json"
 
 
 class _PhaseCallback(TrainerCallback):
-    """Tags every log record with the phase and keeps warm-up steps out of checkpoints."""
+    """Keeps warm-up steps out of checkpoints."""
 
     def __init__(self, trainer: "RosaTrainer"):
         self.trainer = trainer
@@ -40,10 +40,6 @@ class _PhaseCallback(TrainerCallback):
         if self.trainer.phase == "warmup":
             control.should_save = False
         return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None:
-            logs["phase"] = self.trainer.phase
 
 
 class RosaTrainer(Trainer):
@@ -73,6 +69,12 @@ class RosaTrainer(Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         # the warm-up phase runs on the full run's schedule, so its steps match the restarted run's
         return super().create_scheduler(self._scheduler_total_steps or num_training_steps, optimizer)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        # tag the record before any callback (user ones are registered first) or logger sees it
+        if self.phase is not None:
+            logs["phase"] = self.phase
+        super().log(logs, *args, **kwargs)
 
     # ---- the schedule ----------------------------------------------------------------------------
     def _enter_phase(self, phase: str, **info) -> None:

@@ -1,0 +1,385 @@
+"""Mask generation on a tiny Llama: scores against a plain dense autograd reference, selection, files."""
+import copy
+import os
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from rosa_peft import RosaConfig, get_rosa_model
+from rosa_peft.masks import (GradientCollector, compute_masks, load_masks, magnitude_scores, save_masks,
+                             select_masks)
+
+DENSITY = 0.05
+
+
+def _batches(n=3, batch=2, seq=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 128, (batch, seq), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _rosa(r=2, **kw):
+    return get_rosa_model(make_tiny_llama(), RosaConfig(r=r, density=DENSITY, target_modules="all-linear", **kw))
+
+
+def _names(model):
+    return [n for n, _ in model.rosa_layers()]
+
+
+def _dense_reference(batches, names, criterion):
+    """Per micro-batch dW from plain autograd on a copy of the base model with trainable weights."""
+    ref = make_tiny_llama()
+    ref.train()
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    acc = {n: torch.zeros_like(ref.get_submodule(n).weight) for n in names}
+    for b in batches:
+        ref.zero_grad()
+        ref(**b).loss.backward()
+        for n in names:
+            g = ref.get_submodule(n).weight.grad
+            acc[n] += g * g if criterion == "fisher" else g
+    return {n: (a / len(batches)) if criterion == "fisher" else (a / len(batches)).abs() for n, a in acc.items()}
+
+
+def _assert_topk(mask, score, k, rtol=1e-4):
+    """mask is the top-k of score, up to entries within rtol of the k-th value (float-order noise)."""
+    assert int(mask.sum()) == k
+    flat = score.reshape(-1)
+    kth = torch.sort(flat, descending=True).values[k - 1]
+    sure_in = flat > kth * (1 + rtol)
+    sure_out = flat < kth * (1 - rtol)
+    m = mask.reshape(-1)
+    assert m[sure_in].all() and not m[sure_out].any()
+
+
+@pytest.mark.parametrize("criterion", ["fisher", "grad"])
+@pytest.mark.parametrize("r", [2, 0])
+def test_gradient_masks_match_dense_reference(criterion, r):
+    model = _rosa(r=r)
+    if r == 0:
+        assert not any(p.requires_grad and p.numel() for p in model.parameters())
+    batches = _batches()
+    masks = compute_masks(model, batches, criterion=criterion, progress=False)
+    ref = _dense_reference(batches, _names(model), criterion)
+    assert list(masks) == _names(model)
+    for n, m in masks.items():
+        assert m.dtype == torch.bool and m.device.type == "cpu"
+        _assert_topk(m, ref[n], int(DENSITY * m.numel()))
+
+
+def test_collector_scores_equal_reference_and_respect_num_batches():
+    model = _rosa()
+    batches = _batches(n=4)
+    ref = _dense_reference(batches[:2], _names(model), "fisher")
+    model.train()
+    with GradientCollector(model, "fisher") as col:
+        for b in batches[:2]:
+            model(**b).loss.backward()
+    assert col.num_batches == 2 and not col.attached
+    scores = col.scores()
+    for n in ref:
+        assert scores[n].dtype == torch.float32 and scores[n].device.type == "cpu"
+        torch.testing.assert_close(scores[n], ref[n], rtol=1e-4, atol=1e-12)
+    # compute_masks with num_batches=2 uses the same two micro-batches
+    m = compute_masks(model, batches, num_batches=2, progress=False)
+    for n in m:
+        _assert_topk(m[n], ref[n], int(DENSITY * m[n].numel()))
+
+
+def test_collector_leaves_optimizer_step_unchanged():
+    a = _rosa(init_lora_weights=False)
+    g = torch.Generator().manual_seed(5)  # masks installed: LoRA and sparse values both train
+    a.set_masks({n: torch.rand(l.out_features, l.in_features, generator=g) < 0.1 for n, l in a.rosa_layers()})
+    b = copy.deepcopy(a)
+    ids = _batches(n=1)[0]
+    grads, weights = [], []
+    for model, collect in ((a, True), (b, False)):
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        col = GradientCollector(model, "fisher", device=None) if collect else None
+        model(**ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        opt.step()
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        if col is not None:
+            assert col.num_batches == 1 and col.missing() == []
+            col.detach()
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
+        assert torch.equal(weights[0][n], weights[1][n]), n
+
+
+def test_grads_mode_and_flags_restored():
+    model = _rosa()
+    model.eval()
+    model.model.model.layers[0].train()  # a mixed state must come back as it was
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, float(i)) if i % 2 else None
+    before = [p.grad for p in params]
+    modes = {n: m.training for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    compute_masks(model, _batches(n=2), progress=False)
+    assert all(p.grad is g for p, g in zip(params, before))
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_magnitude_masks_are_top_abs_w0():
+    model = _rosa(impl="merged")
+    w0 = {n: l.base_layer.weight.detach().clone() for n, l in model.rosa_layers()}
+    # install masks with non-zero values so the merged base holds W0 + S: magnitude must still see W0
+    g = torch.Generator().manual_seed(3)
+    model.set_masks({n: torch.rand(l.out_features, l.in_features, generator=g) < 0.2 for n, l in model.rosa_layers()})
+    with torch.no_grad():
+        for _, l in model.rosa_layers():
+            l.rosa_spa["default"].values.fill_(5.0)
+    model(input_ids=_batches(n=1)[0]["input_ids"])  # syncs W0 + S into the base weight
+    assert not torch.equal(model.model.get_submodule(_names(model)[0]).base_layer.weight, w0[_names(model)[0]])
+    masks = compute_masks(model, None, criterion="magnitude", progress=False)
+    expected = select_masks({n: w.abs() for n, w in w0.items()}, DENSITY)
+    for n in masks:
+        assert torch.equal(masks[n], expected[n]), n
+        assert torch.equal(magnitude_scores(model.model.get_submodule(n)), w0[n].abs())
+
+
+def test_random_masks_seeded():
+    model = _rosa()
+    a = compute_masks(model, None, criterion="random", seed=1, progress=False)
+    b = compute_masks(model, None, criterion="random", seed=1, progress=False)
+    c = compute_masks(model, None, criterion="random", seed=2, progress=False)
+    d = compute_masks(model, None, criterion="random", seed=1, budget="global", max_layers_per_pass=2, progress=False)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+    for n, m in a.items():
+        assert int(m.sum()) == int(DENSITY * m.numel())
+    assert sum(int(m.sum()) for m in d.values()) == sum(int(m.sum()) for m in a.values())
+
+
+def test_global_budget_total_and_distribution():
+    model = _rosa()
+    batches = _batches()
+    per_layer = compute_masks(model, batches, progress=False)
+    glob = compute_masks(model, batches, budget="global", progress=False)
+    total = sum(int(DENSITY * m.numel()) for m in per_layer.values())
+    assert sum(int(m.sum()) for m in glob.values()) == total
+    assert [int(m.sum()) for m in glob.values()] != [int(m.sum()) for m in per_layer.values()]
+    # and it is the top-K of all scores together
+    ref = _dense_reference(batches, _names(model), "fisher")
+    flat = torch.cat([ref[n].reshape(-1) for n in _names(model)])
+    kth = torch.sort(flat, descending=True).values[total - 1]
+    for n, m in glob.items():
+        assert m[ref[n] > kth * (1 + 1e-4)].all() and not m[ref[n] < kth * (1 - 1e-4)].any()
+
+
+def test_select_masks_matches_stable_sort_reference_with_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = {f"l{i}": torch.randint(0, 4, (6, 10), generator=g).float() for i in range(4)}
+    dens = {"l0": 0.1, "l1": 0.3, "l2": 0.0, "l3": 0.5}
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    for budget in ("per_layer", "global"):
+        masks = select_masks(scores, dens, budget=budget)
+        if budget == "per_layer":
+            for n, s in scores.items():
+                k = int(dens[n] * s.numel())
+                idx = torch.sort(s.reshape(-1), descending=True, stable=True).indices[:k]
+                assert torch.equal(masks[n].reshape(-1).nonzero().squeeze(1), idx.sort().values)
+        else:
+            total = sum(int(dens[n] * 60) for n in scores)
+            elig = torch.cat([torch.full((60,), dens[n] > 0) for n in scores])
+            order = torch.sort(torch.where(elig, flat, -1.0), descending=True, stable=True).indices[:total]
+            got = torch.cat([masks[n].reshape(-1) for n in scores]).nonzero().squeeze(1)
+            assert torch.equal(got, order.sort().values)
+            assert not masks["l2"].any()
+
+
+def test_ties_pick_lowest_flat_indices():
+    scores = {"a": torch.ones(4, 5), "b": torch.ones(3, 5)}
+    per = select_masks(scores, 0.2)
+    assert per["a"].reshape(-1).nonzero().squeeze(1).tolist() == [0, 1, 2, 3]
+    assert per["b"].reshape(-1).nonzero().squeeze(1).tolist() == [0, 1, 2]
+    glob = select_masks(scores, 0.2, budget="global")  # 7 entries: the earlier layer first
+    assert int(glob["a"].sum()) == 7 and not glob["b"].any()
+    assert glob["a"].reshape(-1).nonzero().squeeze(1).tolist() == list(range(7))
+
+
+@pytest.mark.parametrize("budget", ["per_layer", "global"])
+def test_max_layers_per_pass_gives_identical_masks(budget):
+    model = _rosa(r=0)
+    batches = _batches()
+    one = compute_masks(model, batches, budget=budget, progress=False)
+    grouped = compute_masks(model, lambda: iter(batches), budget=budget, max_layers_per_pass=3, progress=False)
+    assert one.keys() == grouped.keys()
+    assert all(torch.equal(one[n], grouped[n]) for n in one)
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        compute_masks(model, iter(batches), max_layers_per_pass=3, progress=False)
+
+
+def test_density_from_config_pattern_and_dict():
+    cfg = RosaConfig(r=2, density=0.05, target_modules="all-linear", density_pattern={r"mlp\.down_proj": 0.2})
+    model = get_rosa_model(make_tiny_llama(), cfg)
+    masks = compute_masks(model, _batches(n=1), progress=False)
+    for n, m in masks.items():
+        assert int(m.sum()) == int((0.2 if "down_proj" in n else 0.05) * m.numel())
+    explicit = {n: 0.1 for n in masks}
+    masks = compute_masks(model, None, criterion="random", density=explicit, progress=False)
+    assert all(int(m.sum()) == int(0.1 * m.numel()) for m in masks.values())
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _rosa()
+    masks = compute_masks(model, None, criterion="random", progress=False)
+    path = tmp_path / "sub" / "masks.safetensors"
+    save_masks(masks, path)
+    loaded = load_masks(path)
+    assert list(loaded) == list(masks)
+    assert all(loaded[n].dtype == torch.bool and torch.equal(loaded[n], masks[n]) for n in masks)
+    assert [f for f in os.listdir(path.parent)] == ["masks.safetensors"]  # no temporary left behind
+    model.set_masks(loaded)
+    assert all(torch.equal(model.get_masks()[n], masks[n]) for n in masks)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_masks(missing)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        load_masks(junk)
+    floats = tmp_path / "floats.safetensors"
+    save_file({"x": torch.zeros(2, 2)}, str(floats))
+    with pytest.raises(ValueError, match="floats.safetensors.*'x'.*float32"):
+        load_masks(floats)
+    twos = tmp_path / "twos.safetensors"
+    save_file({"x": torch.full((2, 2), 2, dtype=torch.uint8)}, str(twos))
+    with pytest.raises(ValueError, match="twos.safetensors.*0 and 1"):
+        load_masks(twos)
+    with pytest.raises(ValueError, match=r"masks\['w'\] must be a bool"):
+        save_masks({"w": torch.zeros(2, 2)}, tmp_path / "out.safetensors")
+
+
+def test_input_errors():
+    model = _rosa()
+    batches = _batches(n=1)
+    with pytest.raises(ValueError, match="criterion"):
+        compute_masks(model, batches, criterion="hessian", progress=False)
+    with pytest.raises(ValueError, match="budget"):
+        compute_masks(model, batches, budget="uniform", progress=False)
+    with pytest.raises(ValueError, match="density"):
+        compute_masks(model, batches, density=1.5, progress=False)
+    with pytest.raises(ValueError, match="density has no entry for layer"):
+        compute_masks(model, batches, density={"model.layers.0.self_attn.q_proj": 0.1}, progress=False)
+    with pytest.raises(ValueError, match="no loss"):
+        compute_masks(model, [{"input_ids": batches[0]["input_ids"]}], progress=False)
+    with pytest.raises(ValueError, match="needs batches"):
+        compute_masks(model, None, progress=False)
+    with pytest.raises(ValueError, match="no micro-batch"):
+        compute_masks(model, [], progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        select_masks({"a": torch.tensor([[float("nan"), 1.0]])}, 0.5)
+    with pytest.raises(ValueError, match="not a RoSA layer"):
+        GradientCollector(model, layers=["lm_head"])
+    with pytest.raises(ValueError, match="criterion"):
+        GradientCollector(model, criterion="magnitude")
+    zero = get_rosa_model(make_tiny_llama(), RosaConfig(r=2, density=0.0, target_modules="all-linear"))
+    with pytest.raises(ValueError, match="select no weight entry"):
+        compute_masks(zero, batches, progress=False)
+
+
+def test_loss_fn_and_float64():
+    base = make_tiny_llama(dtype=torch.float64)
+    model = get_rosa_model(base, RosaConfig(r=2, density=DENSITY, target_modules="all-linear"))
+    batches = _batches(n=2)
+
+    def loss_fn(m, b):
+        return m(input_ids=b["input_ids"], labels=b["labels"]).loss * 3.0  # a uniform scale: same masks
+
+    with GradientCollector(model, "fisher") as col:
+        for b in batches:
+            model(**b).loss.backward()
+    assert all(s.dtype == torch.float64 for s in col.scores().values())
+    masks = compute_masks(model, batches, loss_fn=loss_fn, progress=False)
+    expected = select_masks(col.scores(), DENSITY)
+    assert all(torch.equal(masks[n], expected[n]) for n in masks)
+
+
+def test_magnitude_on_4bit_base_uses_dequantized_weight():
+    from rosa_peft import quant, quantize_model
+
+    if not quant.backend_available("torchao"):
+        pytest.skip("torchao not installed")
+    base = quantize_model(make_tiny_llama(), backend="torchao", compute_dtype=torch.float32, block_size=32)
+    model = get_rosa_model(base, RosaConfig(r=2, density=DENSITY, target_modules="all-linear"))
+    masks = compute_masks(model, None, criterion="magnitude", progress=False)
+    expected = select_masks({n: quant.dense_weight(l).abs() for n, l in model.rosa_layers()}, DENSITY)
+    assert all(torch.equal(masks[n], expected[n]) for n in masks)
+    fisher = compute_masks(model, _batches(n=1), progress=False)  # frozen 4-bit W: hooks still score it
+    assert all(int(m.sum()) == int(DENSITY * m.numel()) for m in fisher.values())
+
+
+def test_gradient_checkpointing_gives_the_same_masks():
+    batches = _batches(n=2)
+    plain = compute_masks(_rosa(r=0), batches, progress=False)
+    model = _rosa(r=0)
+    model.gradient_checkpointing_enable()  # non-reentrant: the recomputed forward is not recorded twice
+    ckpt = compute_masks(model, batches, progress=False)
+    assert all(torch.equal(plain[n], ckpt[n]) for n in plain)
+
+
+def test_layer_called_twice_sums_its_calls_per_micro_batch():
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x, labels):
+            out = self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+            return {"loss": ((out - labels) ** 2).mean()}
+
+    torch.manual_seed(0)
+    net = Net()
+    ref = copy.deepcopy(net)
+    model = get_rosa_model(net, RosaConfig(r=0, density=0.25, target_modules=["lin", "head"]))
+    batches = [{"x": torch.randn(4, 6), "labels": torch.randn(4, 3)} for _ in range(3)]
+    with GradientCollector(model) as col:  # nothing trainable: the collector's taps carry dO
+        for b in batches:
+            model(**b)["loss"].backward()
+    expected = {"lin": 0.0, "head": 0.0}
+    for b in batches:
+        ref.zero_grad()
+        ref(**b)["loss"].backward()
+        for n in expected:
+            expected[n] = expected[n] + getattr(ref, n).weight.grad ** 2 / len(batches)
+    assert col.num_batches == 3
+    scores = col.scores()
+    for n in expected:
+        torch.testing.assert_close(scores[n], expected[n], rtol=1e-5, atol=1e-10)
+
+
+def test_collector_without_engine_callback_closes_micro_batches_lazily(monkeypatch):
+    from rosa_peft import masks_collector
+
+    model = _rosa()
+    batches = _batches(n=2)
+    model.train()
+    with GradientCollector(model) as eager:
+        for b in batches:
+            model(**b).loss.backward()
+    monkeypatch.setattr(masks_collector, "_at_end_of_backward", lambda fn: False)
+    with GradientCollector(model) as lazy:
+        for b in batches:
+            model(**b).loss.backward()
+    assert lazy.num_batches == 1  # the second one closes on the next forward or on scores()
+    a, b = eager.scores(), lazy.scores()
+    assert lazy.num_batches == 2 and all(torch.equal(a[n], b[n]) for n in a)
