@@ -1,0 +1,164 @@
+"""``rosa eval --compare RUN_DIR...``: several runs in one markdown table and one accuracy plot.
+
+A run directory (as ``rosa train`` writes it, after ``rosa eval --adapter RUN_DIR``) must hold:
+
+* ``run_config.json`` with at least ``method``, ``r``, ``density``, ``task`` and ``trainable_params``;
+* one or more ``eval*.json`` reports from ``rosa eval`` (``format`` ``rosa-eval/1``; the task,
+  split and ``summary.accuracy`` are read from each).
+
+The table has the shape of the paper's Table 1: one row per (method, r, density, trainable
+parameters), one column per evaluated task/split, cells = accuracy in percent (the mean when
+several runs, e.g. seeds, share a cell; ``×k`` gives their number). The plot has the shape of its
+Fig. 2: accuracy against trainable parameters (log scale), one line per method, one panel per task.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import sys
+import tempfile
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence
+
+RUN_KEYS = ("method", "r", "density", "task", "trainable_params")
+METHOD_LABELS = {"rosa": "RoSA", "lora": "LoRA", "spa": "SpA", "fft": "FFT"}
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    return data
+
+
+def read_run(run_dir: str) -> List[dict]:
+    """One row per ``eval*.json`` of ``run_dir``; errors name the directory, file and key."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    config_path = os.path.join(run_dir, "run_config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"run directory {run_dir} has no run_config.json (written by rosa train)")
+    config = _read_json(config_path)
+    missing = [k for k in RUN_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"{config_path}: missing key(s) {', '.join(missing)}")
+    params = config["trainable_params"]
+    if isinstance(params, bool) or not isinstance(params, int) or params < 0:
+        raise ValueError(f"{config_path}: key 'trainable_params' must be a non-negative integer, got {params!r}")
+    reports = sorted(glob.glob(os.path.join(run_dir, "eval*.json")))
+    if not reports:
+        raise FileNotFoundError(f"run directory {run_dir} has no eval*.json (run: rosa eval --adapter {run_dir} ...)")
+    rows = []
+    for path in reports:
+        report = _read_json(path)
+        summary = report.get("summary")
+        if report.get("format") != "rosa-eval/1" or not isinstance(summary, dict):
+            raise ValueError(f"{path}: not a rosa eval report (expected 'format': 'rosa-eval/1' and a 'summary')")
+        accuracy = summary.get("accuracy")
+        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
+            raise ValueError(f"{path}: key 'summary.accuracy' must be a number")
+        rows.append({
+            "run": os.path.basename(os.path.normpath(run_dir)), "run_dir": run_dir, "report": path,
+            "method": str(config["method"]), "r": config["r"], "density": config["density"],
+            "trainable_params": params, "train_task": config["task"],
+            "task": str(report.get("task", config["task"])), "split": str(report.get("split", "")),
+            "n": summary.get("n"), "accuracy": float(accuracy), "metric": summary.get("primary_metric", ""),
+        })
+    return rows
+
+
+def collect(run_dirs: Sequence[str]) -> List[dict]:
+    """All rows of all runs (every directory is checked before anything is rendered)."""
+    if not run_dirs:
+        raise ValueError("--compare needs at least one run directory")
+    rows: List[dict] = []
+    for run_dir in run_dirs:
+        rows.extend(read_run(run_dir))
+    return rows
+
+
+def _column(row: dict) -> str:
+    return f"{row['task']}/{row['split']}" if row["split"] else row["task"]
+
+
+def _density(value) -> str:
+    return f"{100 * value:.2g}%" if isinstance(value, (int, float)) and value else "-"
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The Table-1-shaped markdown table (accuracy in percent)."""
+    columns = list(OrderedDict.fromkeys(_column(r) for r in rows))
+    groups: "OrderedDict[tuple, Dict[str, List[float]]]" = OrderedDict()
+    for row in sorted(rows, key=lambda r: (r["method"], r["trainable_params"], str(r["r"]), str(r["density"]))):
+        key = (row["method"], row["r"], row["density"], row["trainable_params"])
+        groups.setdefault(key, {}).setdefault(_column(row), []).append(row["accuracy"])
+    header = ["Method", "r", "d", "Trainable params"] + columns
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * len(columns)) + "|"]
+    for (method, r, density, params), cells in groups.items():
+        out = [METHOD_LABELS.get(method.lower(), method), str(r if r else "-"), _density(density), f"{params:,}"]
+        for column in columns:
+            values = cells.get(column)
+            if not values:
+                out.append("-")
+            else:
+                text = f"{100 * sum(values) / len(values):.1f}"
+                out.append(text + (f" (×{len(values)})" if len(values) > 1 else ""))
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_savefig(fig, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def plot(rows: Sequence[dict], png_path: str) -> Optional[str]:
+    """Accuracy vs trainable parameters; returns the path, or None (with a message) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("rosa eval: matplotlib is not installed, so no plot was written "
+              "(pip install 'rosa-peft[plot]' or pip install matplotlib)", file=sys.stderr)
+        return None
+    columns = list(OrderedDict.fromkeys(_column(r) for r in rows))
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.6), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        by_method: Dict[str, Dict[int, List[float]]] = OrderedDict()
+        for row in rows:
+            if _column(row) == column:
+                by_method.setdefault(row["method"], {}).setdefault(row["trainable_params"], []).append(row["accuracy"])
+        for method, points in sorted(by_method.items()):
+            xs = sorted(points)
+            ys = [100 * sum(points[x]) / len(points[x]) for x in xs]
+            ax.plot([max(x, 1) for x in xs], ys, marker="o", label=METHOD_LABELS.get(method.lower(), method))
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(column)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle("accuracy vs trainable parameters")
+    fig.tight_layout()
+    try:
+        _atomic_savefig(fig, png_path)
+    finally:
+        plt.close(fig)
+    return png_path

@@ -1,0 +1,109 @@
+"""Batched greedy generation: batch-size invariance (left padding), stop strings, RosaModel vs merged."""
+import copy
+
+import pytest
+import torch
+
+from rosa_peft import RosaConfig, get_rosa_model
+from rosa_peft.eval.generate import _StopOnStrings, generate, truncate_at_stop
+
+PROMPTS = [
+    "Question: What is 2 + 3?\nAnswer:",
+    "The capital of France is",
+    "Write a SQL query to answer the question based on the table schema.\n\n context: CREATE TABLE t (a VARCHAR)"
+    "\n\n question: What is a?\n\n answer: ",
+    "Once upon a time, in a small village far away, there lived",
+    "List three colors:",
+]
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from rosa_peft.models import default_model_dir
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+def peaked_tiny_llama(vocab_size, seed=0):
+    """A tiny random Llama whose logits have large margins (so argmax is numerically stable)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)
+    return model
+
+
+def with_random_adapter(base, seed=0):
+    torch.manual_seed(seed)
+    model = get_rosa_model(base, RosaConfig(r=2, density=0.05, init_lora_weights=False))
+    g = torch.Generator().manual_seed(seed + 1)
+    model.set_masks({n: torch.rand(l.out_features, l.in_features, generator=g) < 0.05
+                     for n, l in model.rosa_layers()})
+    return model
+
+
+@pytest.mark.slow
+def test_greedy_outputs_identical_for_batch_size_1_and_8_on_smollm2(smollm2):
+    model, tokenizer = smollm2
+    one = generate(model, tokenizer, PROMPTS, batch_size=1, max_new_tokens=6)
+    eight = generate(model, tokenizer, PROMPTS, batch_size=8, max_new_tokens=6)
+    assert one == eight
+    assert all(isinstance(t, str) and t for t in one)
+    assert generate(model, tokenizer, PROMPTS[::-1], batch_size=3, max_new_tokens=6) == one[::-1]
+
+
+def test_rosa_model_unmerged_merged_and_batch_sizes_agree(smol_tokenizer):
+    base = peaked_tiny_llama(len(smol_tokenizer))
+    plain = generate(base, smol_tokenizer, PROMPTS, batch_size=2, max_new_tokens=5)
+    rosa = with_random_adapter(copy.deepcopy(base))
+    unmerged = [generate(rosa, smol_tokenizer, PROMPTS, batch_size=b, max_new_tokens=5) for b in (1, 8)]
+    assert unmerged[0] == unmerged[1]
+    merged = rosa.merge_and_unload()
+    assert generate(merged, smol_tokenizer, PROMPTS, batch_size=4, max_new_tokens=5) == unmerged[0]
+    assert plain != unmerged[0]  # the adapter changes what the model says
+
+
+def test_max_new_tokens_bound_and_stop_strings(smol_tokenizer):
+    model = peaked_tiny_llama(len(smol_tokenizer), seed=1)
+    free = generate(model, smol_tokenizer, PROMPTS, batch_size=8, max_new_tokens=7)
+    assert sum(bool(t) for t in free) >= 3
+    for text in free:
+        assert len(smol_tokenizer(text, add_special_tokens=False)["input_ids"]) <= 8  # re-tokenising may merge/split
+    # stopping at the first character each continuation produces cuts it to ""
+    firsts = sorted({t[0] for t in free if t})
+    stopped = generate(model, smol_tokenizer, PROMPTS, batch_size=8, max_new_tokens=7, stop=firsts)
+    assert all(not any(s in t for s in firsts) for t in stopped)
+    assert all(s == "" for s, f in zip(stopped, free) if f)
+
+
+def test_stop_criterion_marks_only_rows_that_produced_a_stop_string(smol_tokenizer):
+    prompt = smol_tokenizer("abc", add_special_tokens=False)["input_ids"]
+    rows = [prompt + smol_tokenizer(" one\ntwo", add_special_tokens=False)["input_ids"],
+            prompt + smol_tokenizer(" one two", add_special_tokens=False)["input_ids"]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [smol_tokenizer.eos_token_id] * (width - len(r)) for r in rows])
+    done = _StopOnStrings(smol_tokenizer, ["\n"], len(prompt))(ids, None)
+    assert done.tolist() == [True, False]
+    assert truncate_at_stop("a: b\nQuestion: c", [":", "Question"]) == "a"
+    assert truncate_at_stop("abc", []) == "abc"
+
+
+def test_generate_rejects_bad_arguments(smol_tokenizer):
+    model = peaked_tiny_llama(len(smol_tokenizer))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        generate(model, smol_tokenizer, ["x"], batch_size=0)
+    with pytest.raises(ValueError, match="prompt 1 encodes to no tokens"):
+        generate(model, smol_tokenizer, ["x", ""], add_special_tokens=False)
+    assert generate(model, smol_tokenizer, []) == []
