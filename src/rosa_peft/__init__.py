@@ -6,4 +6,12 @@ from .models import load_model
 
 __version__ = "0.1.0"
 
-__all__ = ["RosaConfig", "RosaLinear", "RosaModel", "get_rosa_model", "load_model", "__version__"]
+
+def quantize_model(model, *args, **kwargs):
+    """4-bit NF4 base for QRoSA; see :func:`rosa_peft.quant.quantize_model` (imported on first call)."""
+    from .quant import quantize_model as _quantize_model
+
+    return _quantize_model(model, *args, **kwargs)
+
+
+__all__ = ["RosaConfig", "RosaLinear", "RosaModel", "get_rosa_model", "load_model", "quantize_model", "__version__"]

@@ -12,6 +12,7 @@ Which base a layer wraps is decided once, by :func:`resolve_base_kind` (float ``
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -57,7 +58,17 @@ def register_base_kind(kind: BaseKind) -> None:
     BASE_KINDS.insert(0, kind)
 
 
+def _register_loaded_quant_kinds() -> None:
+    """Lazy hook: a 4-bit base can only exist once torchao / bitsandbytes has been imported (by anyone);
+    then let ``rosa_peft.quant`` register its kinds. Imports neither library itself."""
+    if "torchao" in sys.modules or "bitsandbytes" in sys.modules:
+        from .quant import register_loaded_backends
+
+        register_loaded_backends()
+
+
 def resolve_base_kind(module: nn.Module) -> Optional[BaseKind]:
+    _register_loaded_quant_kinds()
     for kind in BASE_KINDS:
         if kind.matches(module):
             return kind
