@@ -2,7 +2,8 @@
 
 Backends register per op; ``choose(op, ...)`` picks by device, dtype, shape and density. The decision
 is inspectable: ``explain()`` returns it as text, and ``ROSA_PEFT_SPARSE_BACKEND=name`` forces one
-backend for every op that has it (for tests and benchmarks).
+backend for every op that has it (for tests and benchmarks). The Triton backends (``triton_ops.py``,
+name ``triton``) register lazily on first CUDA use or when forced; ``ROSA_PEFT_NO_TRITON=1`` keeps them out.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ class Backend:
     note: str = ""
 
 
-_REGISTRY: dict[str, list[Backend]] = {"sddmm": []}
+_REGISTRY: dict[str, list[Backend]] = {"sddmm": [], "add_into": [], "write_into": [], "spmm": []}
+_TRITON_LOADED = False
 
 
 def register(op: str, backend: Backend, first: bool = False) -> None:
@@ -62,7 +64,24 @@ register(
 )
 
 
+def _load_triton(device_type: str) -> None:
+    """Register the Triton backends (triton_ops.py) on first CUDA use or when forced; never at import."""
+    global _TRITON_LOADED
+    if _TRITON_LOADED or os.environ.get("ROSA_PEFT_NO_TRITON") not in (None, "", "0"):
+        return
+    if device_type != "cuda" and os.environ.get("ROSA_PEFT_SPARSE_BACKEND") != "triton":
+        return
+    _TRITON_LOADED = True
+    try:
+        from .triton_ops import register_backends
+    except Exception as exc:  # triton absent or unusable: the torch backends stay
+        log.debug("Triton sparse backends unavailable: %s", exc)
+        return
+    register_backends(register, Backend)
+
+
 def choose(op: str, device_type: str, dtype: torch.dtype, sp: SparseAdapter) -> Backend:
+    _load_triton(device_type)
     entries = _REGISTRY[op]
     forced = os.environ.get("ROSA_PEFT_SPARSE_BACKEND")
     if forced:
@@ -92,9 +111,26 @@ def explain(device_type: str, dtype: torch.dtype, sp: SparseAdapter) -> str:
     return "\n".join(lines)
 
 
-# Dense scatter / gather / spmm have a single torch implementation each today; they go through here
-# so a faster backend can slot in without touching the layer.
-add_into = ops.add_into
-write_into = ops.write_into
+_ALWAYS = lambda device, dtype, sp: True  # noqa: E731
+register("add_into", Backend("torch", ops.add_into, _ALWAYS, "index_add_ on the flat weight"))
+register("write_into", Backend("torch", ops.write_into, _ALWAYS, "index_copy_ on the flat weight"))
+register("spmm", Backend("torch", ops.spmm, _ALWAYS, "torch CSR matmul"))
+
+
+def add_into(dense: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
+    """dense[mask] += values (in place, in dense's dtype); returns dense."""
+    return choose("add_into", dense.device.type, dense.dtype, sp).fn(dense, sp, values)
+
+
+def write_into(dense: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
+    """dense[mask] = values (in place); returns dense."""
+    return choose("write_into", dense.device.type, dense.dtype, sp).fn(dense, sp, values)
+
+
+def spmm(x: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
+    """x · Sᵀ for x (T, in) -> (T, out)."""
+    return choose("spmm", x.device.type, x.dtype, sp).fn(x, sp, values)
+
+
+# Gather has a single torch implementation.
 gather_from = ops.gather_from
-spmm = ops.spmm
