@@ -1,6 +1,7 @@
 """rosa-peft: RoSA (Robust Adaptation) fine-tuning with a PEFT-shaped API."""
 from .config import RosaConfig
 from .layer import RosaLinear
+from .masks import compute_masks, load_masks, save_masks
 from .model import RosaModel, get_rosa_model
 from .models import load_model
 
@@ -14,4 +15,7 @@ def quantize_model(model, *args, **kwargs):
     return _quantize_model(model, *args, **kwargs)
 
 
-__all__ = ["RosaConfig", "RosaLinear", "RosaModel", "get_rosa_model", "load_model", "quantize_model", "__version__"]
+__all__ = [
+    "RosaConfig", "RosaLinear", "RosaModel", "get_rosa_model", "load_model", "quantize_model",
+    "compute_masks", "save_masks", "load_masks", "__version__",
+]

@@ -27,7 +27,11 @@ class UserError(Exception):
 def _available() -> dict:
     out = {}
     for name, (module, help_text) in SUBCOMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its parent package is not installed either
+            found = False
+        if found:
             out[name] = (module, help_text)
     return out
 
@@ -42,7 +46,16 @@ def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Optional backends that transformers' Trainer imports log load failures of kernels that cannot
+# exist on this machine (CUDA-only .so files, hub kernels); the CLI keeps only their errors.
+_QUIET_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(load=command if command in SUBCOMMANDS else None)
@@ -53,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(_available()[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as exc:
+    except (UserError, OSError, ValueError) as exc:  # a missing / existing file, bad values
         if os.environ.get("ROSA_PEFT_DEBUG"):
             raise
         print(f"rosa {args.command}: error: {exc}", file=sys.stderr)
