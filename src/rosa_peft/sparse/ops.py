@@ -50,18 +50,29 @@ def sddmm_dense_gather(
     return out
 
 
+def _csr64(sp: SparseAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 (row_offsets, col_indices), cached: torch's CSR kernels want int64 and converting per call costs."""
+    return sp._cached("csr64", lambda: (sp.row_offsets.to(torch.int64), sp.col_indices.to(torch.int64)))
+
+
+def _transposed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.t()`` as a contiguous tensor in ``dtype``: the cast and the transpose in one pass over memory."""
+    return t.t().to(dtype, memory_format=torch.contiguous_format)
+
+
 def sddmm_sampled_addmm(grad_out: torch.Tensor, x: torch.Tensor, sp: SparseAdapter) -> torch.Tensor:
-    """(grad_outᵀ · x) at the mask positions with ``torch.sparse.sampled_addmm`` (float32/64 CSR)."""
+    """(grad_outᵀ · x) at the mask positions with ``torch.sparse.sampled_addmm`` (float32/64 CSR).
+
+    The CPU kernel wants both operands with the token axis contiguous ((out, T) and (in, T)); each is
+    produced by one fused cast + transpose, and ``x`` is handed over as a transposed view so the kernel
+    does not copy it again.
+    """
     acc = _acc_dtype(grad_out.dtype)
     if sp.nnz == 0:
         return torch.empty(0, dtype=acc, device=grad_out.device)
-    pattern = torch.sparse_csr_tensor(
-        sp.row_offsets.to(torch.int64),
-        sp.col_indices.to(torch.int64),
-        torch.zeros(sp.nnz, dtype=acc, device=grad_out.device),
-        size=sp.shape,
-    )
-    res = torch.sparse.sampled_addmm(pattern, grad_out.to(acc).t().contiguous(), x.to(acc).contiguous(), beta=0.0)
+    crow, col = _csr64(sp)
+    pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(sp.nnz, dtype=acc, device=grad_out.device), size=sp.shape)
+    res = torch.sparse.sampled_addmm(pattern, _transposed(grad_out, acc), _transposed(x, acc).t(), beta=0.0)
     return res.values()
 
 
@@ -89,7 +100,6 @@ def spmm(x: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tens
     acc = _acc_dtype(x.dtype)
     if sp.nnz == 0:
         return x.new_zeros(x.shape[0], sp.out_features)
-    s = torch.sparse_csr_tensor(
-        sp.row_offsets.to(torch.int64), sp.col_indices.to(torch.int64), values.to(acc), size=sp.shape
-    )
+    crow, col = _csr64(sp)
+    s = torch.sparse_csr_tensor(crow, col, values.to(acc), size=sp.shape)
     return (s @ x.to(acc).t()).t().to(x.dtype)
