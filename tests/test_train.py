@@ -42,8 +42,15 @@ def _rosa(seed=0, dropout=0.1):
 def test_one_process_schedule_phases_restart_and_reload(tmp_path, caplog):
     model = _rosa()
     phases = []
+    warmed = {}
+
+    def listener(phase, info):
+        phases.append(phase)
+        if phase == "masks":  # the warm-up has run: its LoRA weights are what the restart throws away
+            warmed.update({n: l.lora_B["default"].weight.detach().clone() for n, l in model.rosa_layers()})
+
     sched = ScheduleConfig(mode="rosa", warmup_steps=3, mask_grad_steps=1, seed=7)
-    trainer = _trainer(tmp_path, model, schedule=sched, listener=lambda p, info: phases.append(p))
+    trainer = _trainer(tmp_path, model, schedule=sched, listener=listener)
     masks_seen = {}
     orig = trainer.obtain_masks
 
@@ -52,7 +59,9 @@ def test_one_process_schedule_phases_restart_and_reload(tmp_path, caplog):
         masks_seen.update(masks)
         fresh = _rosa(seed=0)
         init_adapter_weights(fresh, 7)
+        assert any(w.abs().sum() > 0 for w in warmed.values())  # the warm-up moved B away from its zero init
         for (n, l), (_, f) in zip(model.rosa_layers(), fresh.rosa_layers()):
+            # after the restart: exactly a fresh init from the schedule's seed
             assert torch.equal(l.lora_A["default"].weight, f.lora_A["default"].weight), n
             assert torch.equal(l.lora_B["default"].weight, f.lora_B["default"].weight), n
         return masks
@@ -115,6 +124,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
                  listener=lambda p, info: phases.append(p))
     t.train(resume_from_checkpoint=str(ckpt))
     assert phases == ["masks", "train"]  # masks came from the checkpoint: no warm-up, no scoring
+    ma, mb = full.get_masks(), resumed.get_masks()
+    assert list(ma) == list(mb) and all(torch.equal(ma[n], mb[n]) for n in ma)
     fa, fb = full.adapter_state_dict(), resumed.adapter_state_dict()
     assert fa.keys() == fb.keys()
     for k in fa:

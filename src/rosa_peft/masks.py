@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 import torch
 
 from .io import atomic_save_safetensors
-from .masks_collector import GradientCollector, named_rosa_layers
+from .masks_collector import GradientCollector, distributed_world, named_rosa_layers
 from .masks_select import BUDGETS, Selector, check_budget, resolve_densities, select_masks, top_k_masks
 
 CRITERIA = ("fisher", "grad", "magnitude", "random")
@@ -169,6 +169,8 @@ def compute_masks(
     *,
     loss_fn: Optional[Callable] = None,
     device="cpu",
+    process_group=None,
+    sync: Optional[bool] = None,
 ) -> dict[str, torch.Tensor]:
     """Masks {layer name: bool (out, in) on the CPU} for every RoSA layer of ``adapter_name``.
 
@@ -181,6 +183,12 @@ def compute_masks(
     batches must then yield the same micro-batches on every pass). ``device``: where accumulators live
     (None = on the layer's device). Scoring runs in train mode with the RNG seeded from ``seed``; the
     model's modes, parameter grads, requires_grad flags and active adapter are restored afterwards.
+
+    Several processes (DDP): ``sync=None`` (default) all-reduces the gradient statistics over
+    ``process_group`` (default: the world) whenever ``torch.distributed`` is initialised with more than
+    one process, so each rank scores its own share of the micro-batches and every rank then selects
+    from the same global mean — identical masks everywhere. ``sync=False`` keeps each rank's scores
+    local. ``magnitude`` and ``random`` need no exchange (every rank has the same weights and seed).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -191,6 +199,10 @@ def compute_masks(
     if adapter not in model.peft_config:
         raise ValueError(f"adapter_name: unknown adapter {adapter!r}; have {sorted(model.peft_config)}")
     num_batches = _check_int("num_batches", num_batches)
+    if sync is None:
+        sync = distributed_world(process_group) > 1
+    elif sync and distributed_world(process_group) == 1:
+        sync = False  # one process: nothing to exchange
     max_layers_per_pass = _check_int("max_layers_per_pass", max_layers_per_pass)
     layers = {n: l for n, l in named_rosa_layers(model) if adapter in l.rosa_spa}
     if not layers:
@@ -248,6 +260,8 @@ def compute_masks(
                 if lost:
                     warnings.warn(f"mask scoring: no gradient reached {len(lost)} layer(s), e.g. {lost[0]!r}; "
                                   "their scores are zero", stacklevel=2)
+                if sync:
+                    collector.all_reduce(process_group)
                 selector.add(collector.scores(release=True))
     finally:
         bar.close()

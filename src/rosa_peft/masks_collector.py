@@ -4,7 +4,8 @@ A forward hook on each scored ``RosaLinear`` keeps its input X and puts a hook o
 that hook receives dO during backward and forms dW in float32 (float64 for float64 inputs). W itself
 never needs ``requires_grad`` (frozen or 4-bit bases work), and no parameter's ``.grad`` is touched.
 A micro-batch is one backward pass: its dW (summed over the layer's calls) is folded into the
-accumulator — dW⊙dW for ``fisher``, dW for ``grad`` — when the pass ends.
+accumulator — dW⊙dW for ``fisher``, dW for ``grad`` — when the pass ends. Under several processes
+(DDP), :meth:`GradientCollector.all_reduce` sums the statistics over the ranks before scoring.
 """
 from __future__ import annotations
 
@@ -39,6 +40,22 @@ def _at_end_of_backward(fn) -> bool:
         return True
     except (AttributeError, RuntimeError):  # not available: the micro-batch is closed lazily (flush)
         return False
+
+
+def _comm_device(dist, group) -> torch.device:
+    """Where tensors must live for the process group's backend (NCCL: the current GPU; else the CPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def distributed_world(group=None) -> int:
+    """The number of processes in ``group`` when ``torch.distributed`` is initialised, else 1."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
 
 
 class GradientCollector:
@@ -182,6 +199,34 @@ class GradientCollector:
         if self._hit:
             self.num_batches += 1
             self._hit = False
+
+    # ---- several processes (DDP) -------------------------------------------------------------------
+    @torch.no_grad()
+    def all_reduce(self, group=None) -> None:
+        """Sum the statistics over the processes of ``group`` (``torch.distributed``; default: the world).
+
+        Afterwards every rank holds the sums over *all* ranks' micro-batches and their total count, so
+        :meth:`scores` is the mean over the global set — the same on every rank, and what one process
+        would get from all the micro-batches. Every rank must call it, with the same layers. A layer
+        that got no gradient on a rank contributes zeros there.
+        """
+        import torch.distributed as dist
+
+        self.flush()
+        if self._pending:
+            raise RuntimeError("all_reduce: a backward pass is still in flight")
+        comm = _comm_device(dist, group)
+        count = torch.tensor([float(self.num_batches)], dtype=torch.float64, device=comm)
+        dist.all_reduce(count, group=group)
+        for name, layer in self.layers.items():
+            acc = self._acc.get(name)
+            if acc is None:
+                dev = self.device if self.device is not None else layer.kind.weight(layer.base_layer).device
+                acc = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32, device=dev)
+            buf = acc if acc.device == comm else acc.to(comm)
+            dist.all_reduce(buf, group=group)
+            self._acc[name] = buf if buf is acc else buf.to(acc.device)
+        self.num_batches = int(round(float(count.item())))
 
     # ---- results -----------------------------------------------------------------------------------
     def missing(self) -> list[str]:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 
-from .run import METHODS, TrainOptions, run_training
+from .run import METHODS, TrainOptions, is_main_process, run_training
 
 S = argparse.SUPPRESS
 
@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=S, help="use only the first N training examples")
     p.add_argument("--prompt-field", dest="prompt_field", default=S, help="jsonl task: prompt field")
     p.add_argument("--response-field", dest="response_field", default=S, help="jsonl task: response field")
-    p.add_argument("--method", choices=METHODS, default=S)
+    # checked by run.validate (one error line, like every other bad value) rather than by argparse choices
+    p.add_argument("--method", default=S, help=" | ".join(METHODS) + " (default rosa)")
     p.add_argument("--r", type=int, default=S, help="LoRA rank")
     p.add_argument("--density", type=float, default=S, help="sparse density d (fraction of each weight)")
     p.add_argument("--budget", type=int, default=S, help="trainable-parameter budget: picks r / d per method")
@@ -82,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("rosa_peft").setLevel(logging.INFO)
     opts = options_from_args(args)
     summary = run_training(opts)
+    if not is_main_process():
+        return 0
     keys = ("method", "task", "r", "density", "trainable_params", "global_steps", "train_loss", "train_time_s")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"wrote {opts.output_dir}")

@@ -12,14 +12,19 @@ from transformers import TrainerCallback
 class MetricsWriter(TrainerCallback):
     """Appends every Trainer log record and every schedule phase change to ``metrics.jsonl``."""
 
-    def __init__(self, path: str, append: bool = False):
+    def __init__(self, path: str, append: bool = False, enabled: bool = True):
         self.path = path
         self.t0 = time.time()
+        self.enabled = enabled  # False on the non-zero ranks of a DDP run: one process writes the file
+        if not enabled:
+            return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if not append:
             open(path, "w", encoding="utf-8").close()
 
     def _write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         record = {"time_s": round(time.time() - self.t0, 3), **record}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")

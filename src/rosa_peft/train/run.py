@@ -4,6 +4,9 @@ Every input is checked before anything is written, so bad input never leaves a p
 directory. The run directory then holds: the adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``; for ``fft`` the full model), ``masks.safetensors``, ``run_config.json``
 (the resolved options and results), ``metrics.jsonl`` and ``loss.png``.
+
+Under ``torchrun`` (DDP) every rank trains; only rank 0 creates, writes and (on failure) removes the
+output directory.
 """
 from __future__ import annotations
 
@@ -94,6 +97,11 @@ class TrainOptions:
         return r, d
 
 
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a ``torchrun`` launch (which sets ``RANK``)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def validate(opts: TrainOptions):
     """Check every input that can be checked without the model; returns (task, train examples)."""
     from ..tasks import get_task
@@ -171,7 +179,8 @@ def run_training(opts: TrainOptions) -> dict:
     task, examples = validate(opts)
     schedule = _schedule(opts)
     out = os.path.abspath(opts.output_dir)
-    if os.path.isdir(out) and os.listdir(out) and not opts.resume:
+    main = is_main_process()
+    if main and os.path.isdir(out) and os.listdir(out) and not opts.resume:
         raise FileExistsError(f"output directory {out} is not empty (pass --resume to continue it, or choose another)")
     torch.manual_seed(opts.seed)
     model, tokenizer, r, d = _build_model(opts)
@@ -179,10 +188,11 @@ def run_training(opts: TrainOptions) -> dict:
     if len(train_ds) == 0:
         raise ValueError(f"every training example of {opts.task!r} is longer than max_seq_len={opts.max_seq_len}")
 
-    created = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
+    created = main and not os.path.isdir(out)
+    if main:
+        os.makedirs(out, exist_ok=True)
     try:
-        metrics = MetricsWriter(os.path.join(out, "metrics.jsonl"), append=opts.resume)
+        metrics = MetricsWriter(os.path.join(out, "metrics.jsonl"), append=opts.resume, enabled=main)
         args = TrainingArguments(
             output_dir=os.path.join(out, "checkpoints"), per_device_train_batch_size=opts.batch_size,
             gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr, num_train_epochs=opts.epochs,
@@ -191,7 +201,7 @@ def run_training(opts: TrainOptions) -> dict:
             save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500,
             seed=opts.seed, data_seed=opts.seed, bf16=opts.bf16, use_cpu=not torch.cuda.is_available(),
             report_to=[], disable_tqdm=not opts.progress, remove_unused_columns=False,
-            gradient_checkpointing=opts.gradient_checkpointing, dataloader_num_workers=0, save_safetensors=True,
+            gradient_checkpointing=opts.gradient_checkpointing, dataloader_num_workers=0,
         )
         trainer = RosaTrainer(model=model, args=args, train_dataset=train_ds, data_collator=Collator(tokenizer),
                               schedule=schedule, lora_lr=opts.lora_lr, phase_listener=metrics.phase,
@@ -200,15 +210,9 @@ def run_training(opts: TrainOptions) -> dict:
         result = trainer.train(resume_from_checkpoint=True if opts.resume else None)
         elapsed = time.time() - t0
         if isinstance(model, RosaModel):
-            model.save_pretrained(out)
-            masks = model.get_masks()
-            if masks:
-                save_masks(masks, os.path.join(out, MASKS_FILE))
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         else:
-            model.save_pretrained(out, safe_serialization=True)
             trainable = sum(p.numel() for p in model.parameters())
-        tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
         summary = {
             **{k: v for k, v in dataclasses.asdict(opts).items() if k != "extra"},
             "r": r, "density": d, "trainable_params": trainable, "schedule": schedule.to_dict(),
@@ -217,6 +221,16 @@ def run_training(opts: TrainOptions) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             **opts.extra,
         }
+        if not main:
+            return summary
+        if isinstance(model, RosaModel):
+            model.save_pretrained(out)
+            masks = model.get_masks()
+            if masks:
+                save_masks(masks, os.path.join(out, MASKS_FILE))
+        else:
+            model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
         atomic_write_text(os.path.join(out, "run_config.json"), json.dumps(summary, indent=2, default=str) + "\n")
         plot_loss(metrics.path, os.path.join(out, "loss.png"), title=f"{opts.method} on {opts.task}")
         return summary

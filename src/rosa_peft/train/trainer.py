@@ -133,6 +133,7 @@ class RosaTrainer(Trainer):
                     self._scheduler_total_steps = None
                     self.optimizer = None
                     self.lr_scheduler = None
+                    self._drop_wrappers()
             accum = self.args.gradient_accumulation_steps
             n = sched.mask_grad_steps * accum
             self._enter_phase("masks", criterion=sched.mask_criterion, micro_batches=n, budget=sched.mask_budget)
@@ -142,6 +143,12 @@ class RosaTrainer(Trainer):
         model.set_masks(masks)
         init_adapter_weights(model, sched.seed)  # the restart: a fresh LoRA init from the same seed
         return masks
+
+    def _drop_wrappers(self) -> None:
+        """Forget the warm-up's DDP wrapper and the accelerator's references to it: it was built over the
+        LoRA parameters only, so the restarted run (which adds the sparse values) must be wrapped afresh."""
+        self.model_wrapped = self.model
+        self.accelerator.free_memory()
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         ckpt = resume_from_checkpoint
