@@ -63,6 +63,12 @@ def _measure(model, tokenizer, task, examples, label: str) -> dict:
     return {"loss": loss, "accuracy": report["summary"]["accuracy"], "examples": report["examples"]}
 
 
+def _shown(record: dict) -> str:
+    """A prediction and its verdict; the raw generation when no query was found in it."""
+    shown = record["prediction"] or f"(no query) {record['generation'][:70]!r}"
+    return f"{shown}   ({'correct' if record['correct'] else 'wrong'})"
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -98,10 +104,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:24} {b:>8} {a:>8}")
     for i in range(min(args.samples, len(held_out))):
         ex_b, ex_a = before["examples"][i], after["examples"][i]
-        question = held_out[i].prompt.split("question:")[-1].strip()
+        question = held_out[i].prompt.split("question:")[-1].split("\n\n answer:")[0].strip()
         print(f"\n[sample {i + 1}] {question}\n  gold:   {ex_b['gold']}\n"
-              f"  before: {ex_b['prediction']!s}\n  after:  {ex_a['prediction']!s}   "
-              f"({'correct' if ex_a['correct'] else 'wrong'})")
+              f"  before: {_shown(ex_b)}\n  after:  {_shown(ex_a)}")
     record = {"before": {k: before[k] for k in ("loss", "accuracy")},
               "after": {k: after[k] for k in ("loss", "accuracy")},
               "eval_examples": len(held_out), "train": {k: summary[k] for k in
