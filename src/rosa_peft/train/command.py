@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--response-field", dest="response_field", default=S, help="jsonl task: response field")
     # checked by run.validate (one error line, like every other bad value) rather than by argparse choices
     p.add_argument("--method", default=S, help=" | ".join(METHODS) + " (default rosa)")
-    p.add_argument("--r", type=int, default=S, help="LoRA rank")
+    p.add_argument("--r", "--rank", dest="r", type=int, default=S,
+                   help="LoRA rank (--rank: the same, for torchrun, whose parser rejects --r as ambiguous)")
     p.add_argument("--density", type=float, default=S, help="sparse density d (fraction of each weight)")
     p.add_argument("--budget", type=int, default=S, help="trainable-parameter budget: picks r / d per method")
     p.add_argument("--rosa-lora-fraction", dest="rosa_lora_fraction", type=float, default=S,
