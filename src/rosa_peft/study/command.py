@@ -1,0 +1,57 @@
+"""``rosa study CONFIG.yaml``: train and evaluate a grid (tasks x methods x budgets x seeds), resumably.
+
+    rosa study configs/study-smollm2.yaml [--output-dir results/] [--dry-run] [--no-progress]
+
+Finished cells (``cell.json`` present) are skipped; the table is always rebuilt from the cell records.
+See docs/study.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import Cell, StudyConfig, load_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="study YAML (tasks, methods, seeds, train, eval; see docs/study.md)")
+    p.add_argument("--output-dir", default=None, help="override the config's output_dir (default results/)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and which are finished; run nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_options(study: StudyConfig, cell: Cell, output_dir: str, progress: bool = False):
+    """The ``TrainOptions`` of ``cell`` (config ``train:`` + task overrides + the cell's method/seed)."""
+    from ..train.run import TrainOptions
+
+    values = dict(cell.train)
+    values.update(model=study.model, task=cell.task, data_dir=study.data_dir, method=cell.method, r=cell.r,
+                  density=cell.density, budget=cell.budget, seed=cell.seed, output_dir=output_dir,
+                  progress=progress)
+    if cell.rosa_lora_fraction is not None:
+        values["rosa_lora_fraction"] = cell.rosa_lora_fraction
+    return TrainOptions(**values)
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .runner import cell_status, run_study
+
+    study = load_config(args.config, output_dir=args.output_dir)
+    if args.dry_run:
+        status = cell_status(study)
+        width = max(len(c.name) for c in study.cells)
+        for cell in study.cells:
+            print(f"{cell.name.ljust(width)}  {status[cell.name]}")
+        n_done = sum(s == "done" for s in status.values())
+        print(f"{len(study.cells)} cells: {n_done} finished, {len(study.cells) - n_done} to run "
+              f"(output_dir {study.output_dir})")
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    run_study(study, progress=not args.no_progress, echo=_err)
+    _err(f"wrote {study.output_dir}/results.md and results.json")
+    return 0

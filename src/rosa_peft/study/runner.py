@@ -1,0 +1,171 @@
+"""Run the cells of a study (skipping finished ones) and write the results table.
+
+A cell directory ``OUTPUT_DIR/cells/NAME`` holds what ``rosa train`` writes, the ``rosa eval`` report
+``eval-TASK-SPLIT.json`` and, written atomically last, ``cell.json``. A cell is finished exactly when
+``cell.json`` exists; a directory without it is a leftover of an interrupted cell and is redone.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+from typing import Dict, List, Optional
+
+from ..io import atomic_write_text
+from .config import Cell, StudyConfig, StudyConfigError
+
+log = logging.getLogger("rosa_peft.study")
+
+CELL_FORMAT = "rosa-study-cell/1"
+CELL_FILE = "cell.json"
+TRAIN_KEYS = ("r", "density", "trainable_params", "train_examples", "train_loss", "global_steps", "train_time_s",
+              "peak_rss_mb")
+
+
+def cell_dir(study: StudyConfig, cell: Cell) -> str:
+    return os.path.join(study.output_dir, "cells", cell.name)
+
+
+def read_cell(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict) or data.get("format") != CELL_FORMAT:
+        raise ValueError(f"{path}: not a study cell record (expected 'format': '{CELL_FORMAT}')")
+    return data
+
+
+def cell_status(study: StudyConfig) -> Dict[str, str]:
+    """``{cell name: "done" | "partial" | "todo"}``; errors if a finished cell was run with other settings."""
+    status = {}
+    for cell in study.cells:
+        d = cell_dir(study, cell)
+        path = os.path.join(d, CELL_FILE)
+        if os.path.isfile(path):
+            stored = read_cell(path).get("spec")
+            if stored != _jsonable(cell.spec()):
+                raise StudyConfigError(f"{path}: cell {cell.name} was finished with other settings than the config "
+                                       f"now gives it; remove {d} to redo it, or use another output_dir")
+            status[cell.name] = "done"
+        else:
+            status[cell.name] = "partial" if os.path.exists(d) else "todo"
+    return status
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def check_inputs(study: StudyConfig) -> None:
+    """Load every task's train and eval examples once, so missing data fails before any training."""
+    from ..eval.runner import load_examples
+    from ..train.run import validate
+    from .command import train_options
+
+    seen = set()
+    for cell in study.cells:
+        if cell.task in seen:
+            continue
+        seen.add(cell.task)
+        validate(train_options(study, cell, "unused"))
+        load_examples(cell.task, cell.eval.get("split"), cell.eval.get("limit"), study.data_dir)
+
+
+def _load_trained(study: StudyConfig, cell: Cell, directory: str):
+    """(model, tokenizer, info) of the trained cell, as ``rosa eval`` would load it."""
+    from ..eval.loading import load_for_eval
+
+    if cell.method != "fft":
+        return load_for_eval(study.model, adapter=directory)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model, tokenizer, {"model": directory, "adapter": None, "merged": False, "dtype": "float32"}
+
+
+def run_cell(study: StudyConfig, cell: Cell, progress: bool = False) -> dict:
+    """Train and evaluate one cell into its directory; returns the ``cell.json`` record."""
+    from ..eval.runner import evaluate, write_report
+    from ..train import run as train_run
+    from .command import train_options
+
+    directory = cell_dir(study, cell)
+    if os.path.exists(directory):
+        log.info("study: removing unfinished cell %s", directory)
+        shutil.rmtree(directory)
+    try:
+        summary = train_run.run_training(train_options(study, cell, directory, progress=progress))
+        gc.collect()
+        model, tokenizer, info = _load_trained(study, cell, directory)
+        ev = cell.eval
+        report = evaluate(model, tokenizer, cell.task, split=ev.get("split"), limit=ev.get("limit"),
+                          data_dir=study.data_dir, batch_size=ev.get("batch_size", 8), progress=progress,
+                          model_info=info, max_new_tokens=ev.get("max_new_tokens"))
+        del model
+        gc.collect()
+        report_name = f"eval-{report['task']}-{report['split']}.json"
+        write_report(report, os.path.join(directory, report_name))
+        record = {
+            "format": CELL_FORMAT, "cell": cell.name, "task": cell.task, "entry": cell.entry, "method": cell.method,
+            "seed": cell.seed, "budget": cell.budget, "spec": _jsonable(cell.spec()),
+            "train": {k: summary.get(k) for k in TRAIN_KEYS},
+            "eval": {"report": report_name, "split": report["split"], "protocol": report["protocol"].get("name"),
+                     "summary": report["summary"], "time_s": report["time_s"]},
+        }
+        atomic_write_text(os.path.join(directory, CELL_FILE), json.dumps(_jsonable(record), indent=2) + "\n")
+        return record
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)  # an unfinished cell leaves nothing to mistake for a result
+        raise
+
+
+def run_study(study: StudyConfig, progress: bool = True, echo=print) -> List[dict]:
+    """Run every unfinished cell, then write the results table; returns the cell records in grid order."""
+    from tqdm.auto import tqdm
+
+    status = cell_status(study)
+    todo = [c for c in study.cells if status[c.name] != "done"]
+    if todo:
+        check_inputs(study)
+    done = len(study.cells) - len(todo)
+    echo(f"study: {len(study.cells)} cells, {done} finished, {len(todo)} to run -> {study.output_dir}")
+    bar = tqdm(todo, desc="study cells", unit="cell", disable=not progress or not todo)
+    for cell in bar:
+        bar.set_postfix_str(cell.name)
+        run_cell(study, cell, progress=False)
+    bar.close()
+    return write_results(study)
+
+
+def write_results(study: StudyConfig) -> List[dict]:
+    """``results.json``, ``results.md`` (and ``results.png``) from the cells' ``cell.json`` files only."""
+    from .table import render_json, render_markdown
+
+    records = []
+    for cell in study.cells:
+        path = os.path.join(cell_dir(study, cell), CELL_FILE)
+        record = read_cell(path)
+        record["cell_json"] = os.path.relpath(path, study.output_dir)
+        records.append(record)
+    atomic_write_text(os.path.join(study.output_dir, "results.json"), render_json(records))
+    atomic_write_text(os.path.join(study.output_dir, "results.md"), render_markdown(records))
+    _plot(records, os.path.join(study.output_dir, "results.png"))
+    return records
+
+
+def _plot(records: List[dict], path: str) -> Optional[str]:
+    from ..eval.compare import plot
+
+    rows = [{"task": r["task"], "split": r["eval"]["split"], "method": r["method"],
+             "trainable_params": r["train"]["trainable_params"], "accuracy": r["eval"]["summary"]["accuracy"]}
+            for r in records]
+    return plot(rows, path)

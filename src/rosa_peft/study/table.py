@@ -1,0 +1,109 @@
+"""Render cell records (the ``cell.json`` files) into ``results.json`` and ``results.md``.
+
+Pure functions of the records: no clock, no environment, so the same cells give byte-identical files.
+Seeds are aggregated as mean ± sample standard deviation (± is omitted for a single seed).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from typing import Dict, List, Sequence
+
+from ..eval.compare import METHOD_LABELS
+
+RESULTS_FORMAT = "rosa-study/1"
+# (column title, how to read the value from a record, format)
+NUMERIC = (
+    ("accuracy", lambda r: 100.0 * r["eval"]["summary"]["accuracy"], "{:.1f}"),
+    ("train_loss", lambda r: r["train"]["train_loss"], "{:.4f}"),
+    ("train_time_s", lambda r: r["train"]["train_time_s"], "{:.1f}"),
+    ("peak_rss_mb", lambda r: r["train"]["peak_rss_mb"], "{:.0f}"),
+)
+
+
+def _group_key(record: dict) -> tuple:
+    return (record["task"], record["entry"], record["method"], record["train"]["r"], record["train"]["density"],
+            record["train"]["trainable_params"])
+
+
+def _mean_sd(values: Sequence[float]) -> Dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "sd": sd, "n": n}
+
+
+def _value(getter, record):
+    try:
+        v = getter(record)
+    except (KeyError, TypeError):
+        return None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def aggregate(records: Sequence[dict]) -> List[dict]:
+    """One row per (task, method entry), in grid order, with mean/sd over its seeds."""
+    groups: "OrderedDict[tuple, List[dict]]" = OrderedDict()
+    for record in records:
+        groups.setdefault(_group_key(record), []).append(record)
+    rows = []
+    for (task, label, method, r, density, params), members in groups.items():
+        row = {"task": task, "entry": label, "method": method, "r": r, "density": density,
+               "trainable_params": params, "seeds": [m["seed"] for m in members],
+               "cells": [m["cell_json"] for m in members], "split": members[0]["eval"]["split"],
+               "metric": members[0]["eval"]["summary"].get("primary_metric")}
+        for key, getter, _ in NUMERIC:
+            values = [v for v in (_value(getter, m) for m in members) if v is not None]
+            row[key] = _mean_sd(values) if values else None
+        rows.append(row)
+    return rows
+
+
+def render_json(records: Sequence[dict]) -> str:
+    cells = []
+    for r in records:
+        cells.append({"cell": r["cell"], "cell_json": r["cell_json"], "task": r["task"], "entry": r["entry"],
+                      "method": r["method"],
+                      "seed": r["seed"], "budget": r.get("budget"), **r["train"],
+                      "split": r["eval"]["split"], "eval": r["eval"]["summary"], "eval_time_s": r["eval"]["time_s"]})
+    doc = {"format": RESULTS_FORMAT, "cells": cells, "aggregate": aggregate(records)}
+    return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+
+
+def _density(d) -> str:
+    return f"{100 * d:.2g}%" if isinstance(d, (int, float)) and d else "-"
+
+
+def _stat(stat, fmt: str) -> str:
+    if stat is None:
+        return "-"
+    text = fmt.format(stat["mean"])
+    return text + (f" ± {fmt.format(stat['sd'])}" if stat["n"] > 1 else "")
+
+
+def _line(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def render_markdown(records: Sequence[dict]) -> str:
+    titles = ["Task", "Method", "r", "d", "Trainable params", "Seeds", "Accuracy (%)", "Train loss",
+              "Train time (s)", "Peak RSS (MB)"]
+    out = ["# Study results", "",
+           f"{len(records)} cells; mean ± sample sd over seeds. Every number comes from a `cells/*/cell.json`.", "",
+           _line(titles), "|" + "|".join(["---"] * 6 + ["---:"] * 4) + "|"]
+    for row in aggregate(records):
+        out.append(_line([
+            f"{row['task']}/{row['split']}", f"{METHOD_LABELS.get(row['method'], row['method'])} ({row['entry']})",
+            str(row["r"] or "-"), _density(row["density"]), f"{row['trainable_params']:,}",
+            ",".join(map(str, row["seeds"])),
+            *[_stat(row[key], fmt) for key, _, fmt in NUMERIC]]))
+    out += ["", "## Cells", "", _line(["Cell", "Seed", "Accuracy (%)", "n", "Train loss", "Steps", "Train time (s)",
+                                      "Eval time (s)", "Peak RSS (MB)", "Record"]),
+            "|" + "|".join(["---"] * 2 + ["---:"] * 7 + ["---"]) + "|"]
+    for r in records:
+        t, s = r["train"], r["eval"]["summary"]
+        out.append(_line([r["cell"], str(r["seed"]), f"{100 * s['accuracy']:.1f}", str(s.get("n")),
+                          f"{t['train_loss']:.4f}", str(t["global_steps"]), f"{t['train_time_s']:.1f}",
+                          f"{r['eval']['time_s']:.1f}", f"{t['peak_rss_mb']:.0f}", f"`{r['cell_json']}`"]))
+    return "\n".join(out) + "\n"
