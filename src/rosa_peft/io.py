@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -65,3 +66,15 @@ def staged_directory(final_dir: str, overwrite: bool = True) -> Iterator[str]:
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(tmp, final_dir)
+
+
+def read_json_object(path: str) -> dict:
+    """The JSON object in ``path``; ValueError naming the file (and line) when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    return data

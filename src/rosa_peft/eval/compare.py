@@ -15,26 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import sys
 import tempfile
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
+from ..io import read_json_object
+
 RUN_KEYS = ("method", "r", "density", "task", "trainable_params")
 METHOD_LABELS = {"rosa": "RoSA", "lora": "LoRA", "spa": "SpA", "fft": "FFT"}
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
-    return data
 
 
 def read_run(run_dir: str) -> List[dict]:
@@ -44,7 +36,7 @@ def read_run(run_dir: str) -> List[dict]:
     config_path = os.path.join(run_dir, "run_config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"run directory {run_dir} has no run_config.json (written by rosa train)")
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     missing = [k for k in RUN_KEYS if k not in config]
     if missing:
         raise ValueError(f"{config_path}: missing key(s) {', '.join(missing)}")
@@ -56,7 +48,7 @@ def read_run(run_dir: str) -> List[dict]:
         raise FileNotFoundError(f"run directory {run_dir} has no eval*.json (run: rosa eval --adapter {run_dir} ...)")
     rows = []
     for path in reports:
-        report = _read_json(path)
+        report = read_json_object(path)
         summary = report.get("summary")
         if report.get("format") != "rosa-eval/1" or not isinstance(summary, dict):
             raise ValueError(f"{path}: not a rosa eval report (expected 'format': 'rosa-eval/1' and a 'summary')")

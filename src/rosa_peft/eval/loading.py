@@ -5,9 +5,10 @@ loaded, so a mistake is reported in a second rather than after the model load.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
+
+from ..io import read_json_object
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 QUANTIZE_CHOICES = ("nf4",)
@@ -24,14 +25,7 @@ def check_adapter_dir(adapter_dir: str) -> str:
         if os.path.isfile(os.path.join(path, "config.json")):
             hint = " (it looks like a full model, e.g. from --method fft: pass it as --model instead)"
         raise FileNotFoundError(f"adapter directory {adapter_dir} has no {' or '.join(missing)}{hint}")
-    config_path = os.path.join(path, ADAPTER_FILES[0])
-    try:
-        with open(config_path, encoding="utf-8") as fh:
-            config = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: must hold a JSON object")
+    read_json_object(os.path.join(path, ADAPTER_FILES[0]))  # a clear error for a broken config
     return path
 
 
