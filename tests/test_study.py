@@ -118,7 +118,7 @@ def test_study_runs_resumes_and_redoes_half_cells(tmp_path, tiny_base, monkeypat
     assert listing.count(" todo") == 8 and "0 finished, 8 to run" in listing
     assert not out.exists()
 
-    assert rosa_study(cfg, "--no-progress") == 0
+    assert rosa_study(cfg, "--no-progress", "--in-process") == 0
     cells = sorted(os.listdir(out / "cells"))
     assert len(cells) == 8
     records = {}
@@ -155,6 +155,16 @@ def test_study_runs_resumes_and_redoes_half_cells(tmp_path, tiny_base, monkeypat
     assert agg["lora-r2"]["seeds"] == [0, 1] and agg["fft"]["trainable_params"] > agg["lora-r2"]["trainable_params"]
     assert "LoRA (lora-r2)" in md and " ± " in md
 
+    # rosa cells record their mask structure; the figures are drawn from the cell files
+    rosa_rec = records["sql-synth-rosa-r2-d0.05-s0"]
+    structure = json.loads((out / "cells" / "sql-synth-rosa-r2-d0.05-s0" / "mask_structure.json").read_text())
+    assert rosa_rec["masks"]["overall"] == structure["overall"] and structure["heatmaps"]
+    assert rosa_rec["masks"]["overall"]["density"] == pytest.approx(0.05, rel=0.05)
+    assert "masks" not in records["sql-synth-lora-r2-s0"]
+    assert "## Mask structure" in md and f"| sql-synth-rosa-r2-d0.05-s0 | {100 * structure['overall']['density']:.2f} |" in md
+    for png in ("results.png", "loss.png", "masks.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
     # a second run trains nothing and regenerates the same table
     from rosa_peft.train import run as train_run
 
@@ -178,7 +188,7 @@ def test_study_runs_resumes_and_redoes_half_cells(tmp_path, tiny_base, monkeypat
     trained = []
     real = train_run.run_training
     monkeypatch.setattr(train_run, "run_training", lambda opts: trained.append(opts.output_dir) or real(opts))
-    assert rosa_study(cfg, "--no-progress") == 0
+    assert rosa_study(cfg, "--no-progress", "--in-process") == 0
     assert trained == [str(half)]
     assert (half / "cell.json").is_file() and not (half / "junk.txt").exists()
 
@@ -188,7 +198,50 @@ def test_study_runs_resumes_and_redoes_half_cells(tmp_path, tiny_base, monkeypat
         rosa_study(changed, "--no-progress")
 
 
-def test_example_config_validates():
+def test_entry_seeds_and_train_overrides(tmp_path):
+    methods = [{"method": "lora", "r": 2, "seeds": [0, 1, 2]}, {"method": "fft", "train": {"lr": 1e-5}}]
+    study = load_config(str(write_config(tmp_path / "s.yaml", tmp_path / "out", "m", methods=methods, seeds=[5])))
+    assert [c.name for c in study.cells] == ["sql-synth-lora-r2-s0", "sql-synth-lora-r2-s1", "sql-synth-lora-r2-s2",
+                                             "sql-synth-fft-s5"]
+    assert study.cells[-1].train == {**TRAIN, "lr": 1e-5} and study.cells[0].train == TRAIN
+    for bad, key in (({"method": "lora", "seeds": [1, 1]}, "methods[0].seeds"),
+                     ({"method": "fft", "train": {"seed": 3}}, "methods[0].train: unknown key(s) seed"),
+                     ({"method": "fft", "train": {"lr": "x"}}, "methods[0].train.lr")):
+        with pytest.raises(StudyConfigError, match=re.escape(key)):
+            load_config(str(write_config(tmp_path / "b.yaml", tmp_path / "out", "m", methods=[bad])))
+
+
+def test_cells_run_in_their_own_process_and_in_parts(tmp_path, tiny_base):
+    out = tmp_path / "results"
+    cfg = write_config(tmp_path / "s.yaml", out, tiny_base, methods=[{"method": "rosa", "r": 2, "density": 0.05}])
+    assert rosa_study(cfg, "--no-progress", "--cells", "*-s1") == 0  # a fresh process per cell (the default)
+    assert sorted(os.listdir(out / "cells")) == ["sql-synth-rosa-r2-d0.05-s1"]
+    assert not (out / "results.md").exists()  # the grid is not finished: no table yet
+    rec = json.loads((out / "cells" / "sql-synth-rosa-r2-d0.05-s1" / "cell.json").read_text())
+    assert rec["train"]["peak_rss_mb"] > 0 and rec["masks"]["file"] == "mask_structure.json"
+    with pytest.raises(StudyConfigError, match="no cell matches"):
+        rosa_study(cfg, "--cells", "viggo-*")
+    assert rosa_study(cfg, "--no-progress", "--in-process", "--cells", "*-s0") == 0
+    assert "sql-synth-rosa-r2-d0.05-s1" in (out / "results.md").read_text()
+
+
+# SmolLM2-135M: one LoRA rank over all linear weights = 305,280 parameters; the linear weights hold 106,168,320
+SMOL_RANK_UNIT, SMOL_LINEAR = 305_280, 106_168_320
+
+
+@pytest.mark.parametrize("name, task", [("study-viggo.yaml", "viggo"), ("study-sql.yaml", "sql")])
+def test_shipped_study_configs(name, task):
+    """The configs behind docs/results.md: 3 budgets x (LoRA, SpA, two RoSA mixes) + FFT, equal budgets."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    study = load_config(os.path.join(root, "configs", "study-smollm2.yaml"))
-    assert len(study.cells) == 20 and study.cells[0].name == "viggo-rosa-b1200000-s0"
+    study = load_config(os.path.join(root, "configs", name))
+    assert study.tasks == [task] and len(study.cells) == 17
+    budgets = {}
+    for e in study.entries:
+        if e["method"] == "fft":
+            continue
+        units = (e.get("r") or 0) + (e.get("density") or 0) * SMOL_LINEAR / SMOL_RANK_UNIT
+        budgets.setdefault(round(units), []).append(e["method"])
+        assert units == pytest.approx(round(units), rel=0.01), e["name"]
+    assert {b: sorted(m) for b, m in budgets.items()} == {b: ["lora", "rosa", "rosa", "spa"] for b in (4, 8, 16)}
+    two_seeds = {c.entry for c in study.cells if c.seed == 1}
+    assert two_seeds == {"lora-r8", "rosa-r6-d0.0058", "spa-d0.023", "fft"}

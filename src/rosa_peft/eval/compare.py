@@ -13,15 +13,13 @@ Fig. 2: accuracy against trainable parameters (log scale), one line per method, 
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
-import sys
-import tempfile
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 from ..io import read_json_object
+from ..plots import finish, pyplot_or_none
 
 RUN_KEYS = ("method", "r", "density", "task", "trainable_params")
 METHOD_LABELS = {"rosa": "RoSA", "lora": "LoRA", "spa": "SpA", "fft": "FFT"}
@@ -105,30 +103,10 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_savefig(fig, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def plot(rows: Sequence[dict], png_path: str) -> Optional[str]:
     """Accuracy vs trainable parameters; returns the path, or None (with a message) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("rosa eval: matplotlib is not installed, so no plot was written "
-              "(pip install 'rosa-peft[plot]' or pip install matplotlib)", file=sys.stderr)
+    plt = pyplot_or_none("rosa eval")
+    if plt is None:
         return None
     columns = list(OrderedDict.fromkeys(_column(r) for r in rows))
     fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.6), squeeze=False)
@@ -147,10 +125,4 @@ def plot(rows: Sequence[dict], png_path: str) -> Optional[str]:
         ax.set_title(column)
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.suptitle("accuracy vs trainable parameters")
-    fig.tight_layout()
-    try:
-        _atomic_savefig(fig, png_path)
-    finally:
-        plt.close(fig)
-    return png_path
+    return finish(fig, plt, "accuracy vs trainable parameters", png_path, dpi=120)

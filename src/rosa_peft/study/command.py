@@ -1,6 +1,6 @@
 """``rosa study CONFIG.yaml``: train and evaluate a grid (tasks x methods x budgets x seeds), resumably.
 
-    rosa study configs/study-smollm2.yaml [--output-dir results/] [--dry-run] [--no-progress]
+    rosa study configs/study-viggo.yaml [--output-dir DIR] [--dry-run] [--cells PATTERN...] [--in-process]
 
 Finished cells (``cell.json`` present) are skipped; the table is always rebuilt from the cell records.
 See docs/study.md.
@@ -19,6 +19,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default=None, help="override the config's output_dir (default results/)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and which are finished; run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cells", nargs="+", metavar="PATTERN", default=None,
+                   help="run only the cells whose names match these shell patterns (e.g. 'viggo-lora-*'), so "
+                        "disjoint parts of one grid can run side by side; the table is written once all are done")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the cells in this process instead of one fresh process per cell "
+                        "(peak RSS then accumulates across cells)")
 
 
 def train_options(study: StudyConfig, cell: Cell, output_dir: str, progress: bool = False):
@@ -52,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
               f"(output_dir {study.output_dir})")
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    run_study(study, progress=not args.no_progress, echo=_err)
-    _err(f"wrote {study.output_dir}/results.md and results.json")
+    records = run_study(study, progress=not args.no_progress, echo=_err, isolate=not args.in_process,
+                        only=args.cells)
+    if records is not None:
+        _err(f"wrote {study.output_dir}/results.md, results.json and figures")
     return 0

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from ..train.run import METHODS, TrainOptions
 
 TOP_KEYS = ("output_dir", "model", "data_dir", "tasks", "methods", "seeds", "train", "eval", "task_overrides")
-ENTRY_KEYS = ("method", "r", "density", "budget", "rosa_lora_fraction", "name")
+ENTRY_KEYS = ("method", "r", "density", "budget", "rosa_lora_fraction", "name", "seeds", "train")
 EVAL_KEYS = ("limit", "batch_size", "max_new_tokens", "split")
 # TrainOptions fields that the study itself sets per cell (not settable under `train:`)
 STUDY_OWNED = ("model", "task", "data_dir", "method", "r", "density", "budget", "output_dir", "seed", "resume",
@@ -159,7 +159,18 @@ def _check_entry(i: int, raw) -> dict:
         if frac is not None:
             name += f"-f{_fmt(frac)}"
     entry["name"] = name
+    if "seeds" in entry:
+        entry["seeds"] = _check_seeds(f"{where}.seeds", entry["seeds"])
+    entry["train"] = _check_train(f"{where}.train", entry.get("train"))
     return entry
+
+
+def _check_seeds(where: str, seeds) -> List[int]:
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
+        raise StudyConfigError(f"{where}: expected a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise StudyConfigError(f"{where}: a seed is listed twice")
+    return list(seeds)
 
 
 def load_config(path: str, output_dir: Optional[str] = None) -> StudyConfig:
@@ -202,11 +213,7 @@ def _expand(path: str, cfg: dict, output_dir: Optional[str], protocol_tasks) -> 
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise StudyConfigError(f"methods: entries {', '.join(dup)} would share a directory (give them a name:)")
-    seeds = cfg.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
-        raise StudyConfigError(f"seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise StudyConfigError("seeds: a seed is listed twice")
+    seeds = _check_seeds("seeds", cfg.get("seeds", [0]))
     train = _check_train("train", cfg.get("train"))
     ev = _check_eval("eval", cfg.get("eval"))
     overrides = _check_mapping("task_overrides", cfg.get("task_overrides"), tasks)
@@ -219,12 +226,12 @@ def _expand(path: str, cfg: dict, output_dir: Optional[str], protocol_tasks) -> 
     for task in tasks:
         t_train, t_eval = per_task.get(task, ({}, {}))
         for entry in entries:
-            for seed in seeds:
+            for seed in entry.get("seeds", seeds):
                 cells.append(Cell(name=f"{task}-{entry['name']}-s{seed}", task=task, entry=entry["name"],
                                   method=entry["method"],
                                   seed=seed, r=entry.get("r"), density=entry.get("density"),
                                   budget=entry.get("budget"), rosa_lora_fraction=entry.get("rosa_lora_fraction"),
-                                  train={**train, **t_train}, eval={**ev, **t_eval}))
+                                  train={**train, **t_train, **entry["train"]}, eval={**ev, **t_eval}))
     out = output_dir or cfg.get("output_dir") or "results"
     return StudyConfig(path=path, output_dir=os.path.abspath(os.path.expanduser(out)), model=cfg.get("model"),
                        data_dir=cfg.get("data_dir"), tasks=list(tasks), entries=entries, seeds=list(seeds),

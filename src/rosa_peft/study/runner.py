@@ -6,20 +6,24 @@ A cell directory ``OUTPUT_DIR/cells/NAME`` holds what ``rosa train`` writes, the
 """
 from __future__ import annotations
 
+import fnmatch
 import gc
 import json
 import logging
 import os
 import shutil
-from typing import Dict, List, Optional
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, read_json_object
 from .config import Cell, StudyConfig, StudyConfigError
 
 log = logging.getLogger("rosa_peft.study")
 
 CELL_FORMAT = "rosa-study-cell/1"
 CELL_FILE = "cell.json"
+STRUCTURE_FILE = "mask_structure.json"
 TRAIN_KEYS = ("r", "density", "trainable_params", "train_examples", "train_loss", "global_steps", "train_time_s",
               "peak_rss_mb")
 
@@ -29,12 +33,8 @@ def cell_dir(study: StudyConfig, cell: Cell) -> str:
 
 
 def read_cell(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(data, dict) or data.get("format") != CELL_FORMAT:
+    data = read_json_object(path)
+    if data.get("format") != CELL_FORMAT:
         raise ValueError(f"{path}: not a study cell record (expected 'format': '{CELL_FORMAT}')")
     return data
 
@@ -114,6 +114,7 @@ def run_cell(study: StudyConfig, cell: Cell, progress: bool = False) -> dict:
         gc.collect()
         report_name = f"eval-{report['task']}-{report['split']}.json"
         write_report(report, os.path.join(directory, report_name))
+        masks_summary = _write_mask_structure(directory)
         record = {
             "format": CELL_FORMAT, "cell": cell.name, "task": cell.task, "entry": cell.entry, "method": cell.method,
             "seed": cell.seed, "budget": cell.budget, "spec": _jsonable(cell.spec()),
@@ -121,6 +122,8 @@ def run_cell(study: StudyConfig, cell: Cell, progress: bool = False) -> dict:
             "eval": {"report": report_name, "split": report["split"], "protocol": report["protocol"].get("name"),
                      "summary": report["summary"], "time_s": report["time_s"]},
         }
+        if masks_summary is not None:
+            record["masks"] = masks_summary
         atomic_write_text(os.path.join(directory, CELL_FILE), json.dumps(_jsonable(record), indent=2) + "\n")
         return record
     except BaseException:
@@ -128,26 +131,70 @@ def run_cell(study: StudyConfig, cell: Cell, progress: bool = False) -> dict:
         raise
 
 
-def run_study(study: StudyConfig, progress: bool = True, echo=print) -> List[dict]:
-    """Run every unfinished cell, then write the results table; returns the cell records in grid order."""
+def _write_mask_structure(directory: str) -> Optional[dict]:
+    """``mask_structure.json`` from the cell's ``masks.safetensors`` (rosa/spa); its summary, or None."""
+    from ..masks import load_masks
+    from ..masks_structure import mask_structure
+    from ..train.trainer import MASKS_FILE
+
+    path = os.path.join(directory, MASKS_FILE)
+    if not os.path.isfile(path):
+        return None
+    structure = mask_structure(load_masks(path))
+    atomic_write_text(os.path.join(directory, STRUCTURE_FILE), json.dumps(structure) + "\n")
+    return {"file": STRUCTURE_FILE, "overall": structure["overall"]}
+
+
+def run_cell_isolated(study: StudyConfig, cell: Cell) -> None:
+    """Run one cell in a fresh Python process, so its peak RSS is its own and memory is returned after it."""
+    cmd = [sys.executable, "-m", "rosa_peft.study.cell", study.path, cell.name, "--output-dir", study.output_dir]
+    rc = subprocess.call(cmd)
+    if rc != 0 or not os.path.isfile(os.path.join(cell_dir(study, cell), CELL_FILE)):
+        shutil.rmtree(cell_dir(study, cell), ignore_errors=True)
+        raise RuntimeError(f"study: cell {cell.name} failed (exit status {rc}); its output is above")
+
+
+def run_study(study: StudyConfig, progress: bool = True, echo=print, isolate: bool = True,
+              only: Optional[Sequence[str]] = None) -> Optional[List[dict]]:
+    """Run every unfinished cell, then write the results table; returns the cell records in grid order.
+
+    ``isolate`` runs each cell in its own process (the default; the CLI's ``--in-process`` turns it off).
+    ``only`` (shell patterns over cell names) restricts which cells this call runs, so that disjoint parts of
+    one grid can run side by side; the table is written only once every cell of the grid is finished, and
+    None is returned while some are not."""
     from tqdm.auto import tqdm
 
     status = cell_status(study)
-    todo = [c for c in study.cells if status[c.name] != "done"]
+    todo = [c for c in study.cells if status[c.name] != "done" and _selected(c.name, only)]
+    if only is not None and not any(_selected(c.name, only) for c in study.cells):
+        raise StudyConfigError(f"{study.path}: no cell matches {', '.join(only)}")
     if todo:
         check_inputs(study)
-    done = len(study.cells) - len(todo)
+    done = len(study.cells) - sum(s != "done" for s in status.values())
     echo(f"study: {len(study.cells)} cells, {done} finished, {len(todo)} to run -> {study.output_dir}")
     bar = tqdm(todo, desc="study cells", unit="cell", disable=not progress or not todo)
     for cell in bar:
         bar.set_postfix_str(cell.name)
-        run_cell(study, cell, progress=False)
+        if isolate:
+            run_cell_isolated(study, cell)
+        else:
+            run_cell(study, cell, progress=False)
     bar.close()
+    missing = [c.name for c in study.cells if not os.path.isfile(os.path.join(cell_dir(study, c), CELL_FILE))]
+    if missing:
+        echo(f"study: {len(missing)} cell(s) of the grid are not finished ({', '.join(missing[:4])}"
+             f"{', ...' if len(missing) > 4 else ''}); the table is written once all are")
+        return None
     return write_results(study)
+
+
+def _selected(name: str, only: Optional[Sequence[str]]) -> bool:
+    return only is None or any(fnmatch.fnmatchcase(name, pattern) for pattern in only)
 
 
 def write_results(study: StudyConfig) -> List[dict]:
     """``results.json``, ``results.md`` (and ``results.png``) from the cells' ``cell.json`` files only."""
+    from . import figures
     from .table import render_json, render_markdown
 
     records = []
@@ -158,14 +205,8 @@ def write_results(study: StudyConfig) -> List[dict]:
         records.append(record)
     atomic_write_text(os.path.join(study.output_dir, "results.json"), render_json(records))
     atomic_write_text(os.path.join(study.output_dir, "results.md"), render_markdown(records))
-    _plot(records, os.path.join(study.output_dir, "results.png"))
+    dirs = [cell_dir(study, cell) for cell in study.cells]
+    figures.plot_accuracy(records, os.path.join(study.output_dir, "results.png"))
+    figures.plot_losses(records, dirs, os.path.join(study.output_dir, "loss.png"))
+    figures.plot_masks(records, dirs, os.path.join(study.output_dir, "masks.png"))
     return records
-
-
-def _plot(records: List[dict], path: str) -> Optional[str]:
-    from ..eval.compare import plot
-
-    rows = [{"task": r["task"], "split": r["eval"]["split"], "method": r["method"],
-             "trainable_params": r["train"]["trainable_params"], "accuracy": r["eval"]["summary"]["accuracy"]}
-            for r in records]
-    return plot(rows, path)

@@ -16,6 +16,10 @@ RESULTS_FORMAT = "rosa-study/1"
 # (column title, how to read the value from a record, format)
 NUMERIC = (
     ("accuracy", lambda r: 100.0 * r["eval"]["summary"]["accuracy"], "{:.1f}"),
+    ("exact", lambda r: 100.0 * r["eval"]["summary"]["exact"], "{:.1f}"),
+    ("exact_nocase", lambda r: 100.0 * r["eval"]["summary"]["exact_nocase"], "{:.1f}"),
+    ("slot_f1", lambda r: 100.0 * r["eval"]["summary"]["slot_f1"], "{:.1f}"),
+    ("execution", lambda r: 100.0 * r["eval"]["summary"]["execution"], "{:.1f}"),
     ("train_loss", lambda r: r["train"]["train_loss"], "{:.4f}"),
     ("train_time_s", lambda r: r["train"]["train_time_s"], "{:.1f}"),
     ("peak_rss_mb", lambda r: r["train"]["peak_rss_mb"], "{:.0f}"),
@@ -72,7 +76,7 @@ def render_json(records: Sequence[dict]) -> str:
 
 
 def _density(d) -> str:
-    return f"{100 * d:.2g}%" if isinstance(d, (int, float)) and d else "-"
+    return f"{100 * d:.3g}%" if isinstance(d, (int, float)) and d else "-"
 
 
 def _stat(stat, fmt: str) -> str:
@@ -86,18 +90,35 @@ def _line(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+# per task, the metric columns of the table: (title, aggregate key); "accuracy" is the protocol's primary metric
+TASK_COLUMNS = {
+    "viggo": (("Exact match (%)", "accuracy"), ("Slot F1 (%)", "slot_f1")),
+    # the SQL test split's gold queries are lower-cased, so exact match is compared without case
+    "sql": (("Exact match, no case (%)", "exact_nocase"), ("Execution acc. (%)", "execution")),
+}
+DEFAULT_COLUMNS = (("Accuracy (%)", "accuracy"),)
+_FMT = {key: fmt for key, _, fmt in NUMERIC}
+
+
 def render_markdown(records: Sequence[dict]) -> str:
-    titles = ["Task", "Method", "r", "d", "Trainable params", "Seeds", "Accuracy (%)", "Train loss",
-              "Train time (s)", "Peak RSS (MB)"]
+    rows = aggregate(records)
     out = ["# Study results", "",
-           f"{len(records)} cells; mean ± sample sd over seeds. Every number comes from a `cells/*/cell.json`.", "",
-           _line(titles), "|" + "|".join(["---"] * 6 + ["---:"] * 4) + "|"]
-    for row in aggregate(records):
-        out.append(_line([
-            f"{row['task']}/{row['split']}", f"{METHOD_LABELS.get(row['method'], row['method'])} ({row['entry']})",
-            str(row["r"] or "-"), _density(row["density"]), f"{row['trainable_params']:,}",
-            ",".join(map(str, row["seeds"])),
-            *[_stat(row[key], fmt) for key, _, fmt in NUMERIC]]))
+           f"{len(records)} cells; mean ± sample sd over seeds. Every number comes from a `cells/*/cell.json`."]
+    for task in OrderedDict.fromkeys(row["task"] for row in rows):
+        task_rows = [row for row in rows if row["task"] == task]
+        columns = TASK_COLUMNS.get(task, DEFAULT_COLUMNS)
+        n = sorted({m["eval"]["summary"].get("n") for m in records if m["task"] == task}, key=str)
+        titles = ["Method", "r", "d", "Trainable params", "Seeds", *[t for t, _ in columns], "Train loss",
+                  "Train time (s)", "Peak RSS (MB)"]
+        out += ["", f"## {task} ({task_rows[0]['split']}, n = {', '.join(map(str, n))})", "",
+                _line(titles), "|" + "|".join(["---"] * 5 + ["---:"] * (len(columns) + 3)) + "|"]
+        for row in task_rows:
+            out.append(_line([
+                f"{METHOD_LABELS.get(row['method'], row['method'])} ({row['entry']})",
+                str(row["r"] or "-"), _density(row["density"]), f"{row['trainable_params']:,}",
+                ",".join(map(str, row["seeds"])),
+                *[_stat(row[key], _FMT[key]) for _, key in columns],
+                *[_stat(row[key], _FMT[key]) for key in ("train_loss", "train_time_s", "peak_rss_mb")]]))
     out += ["", "## Cells", "", _line(["Cell", "Seed", "Accuracy (%)", "n", "Train loss", "Steps", "Train time (s)",
                                       "Eval time (s)", "Peak RSS (MB)", "Record"]),
             "|" + "|".join(["---"] * 2 + ["---:"] * 7 + ["---"]) + "|"]
@@ -106,4 +127,15 @@ def render_markdown(records: Sequence[dict]) -> str:
         out.append(_line([r["cell"], str(r["seed"]), f"{100 * s['accuracy']:.1f}", str(s.get("n")),
                           f"{t['train_loss']:.4f}", str(t["global_steps"]), f"{t['train_time_s']:.1f}",
                           f"{r['eval']['time_s']:.1f}", f"{t['peak_rss_mb']:.0f}", f"`{r['cell_json']}`"]))
+    sparse = [r for r in records if r.get("masks")]
+    if sparse:
+        out += ["", "## Mask structure", "",
+                "Mean over the adapted weights of the fraction of rows / columns with no kept entry, next to the "
+                "expectation for a uniformly random mask of the same density, (1 - d)^n.", "",
+                _line(["Cell", "Density (%)", "Empty rows (%)", "Random (%)", "Empty columns (%)", "Random (%)"]),
+                "|---|" + "---:|" * 5]
+        for r in sparse:
+            o = r["masks"]["overall"]
+            out.append(_line([r["cell"], *[f"{100 * o[k]:.2f}" for k in (
+                "density", "empty_rows", "random_empty_rows", "empty_cols", "random_empty_cols")]]))
     return "\n".join(out) + "\n"

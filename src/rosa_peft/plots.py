@@ -1,0 +1,39 @@
+"""matplotlib as an optional dependency: one import point with a clear message, and atomic PNG writes."""
+from __future__ import annotations
+
+import io
+import sys
+
+from .io import atomic_write_bytes
+
+
+def pyplot_or_none(who: str):
+    """``matplotlib.pyplot`` on the Agg backend, or None after telling the user how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{who}: matplotlib is not installed, so no plot was written "
+              "(pip install 'rosa-peft[plot]' or pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def save_png(fig, path: str, dpi: int = 110) -> str:
+    """Write ``fig`` to ``path`` atomically, without the software-version metadata (byte-stable output)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def finish(fig, plt, title: str, path: str, dpi: int = 110) -> str:
+    """Title, lay out, save and close ``fig``."""
+    fig.suptitle(title, fontsize=9 if len(title) > 80 else None)
+    fig.tight_layout()
+    try:
+        return save_png(fig, path, dpi=dpi)
+    finally:
+        plt.close(fig)

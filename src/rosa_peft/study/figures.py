@@ -1,0 +1,220 @@
+"""The study's figures, drawn only from files the cells wrote (``cell.json``, ``metrics.jsonl``,
+``mask_structure.json``), so that ``rosa study`` over finished cells redraws them without training.
+
+* ``results.png`` — primary metric vs trainable parameters, one panel per task, one series per method
+  (RoSA mixes labelled by their LoRA share), seed spread as error bars (the paper's Fig. 2 shape);
+* ``loss.png`` — training loss per step of every entry's first seed (after RoSA's restart), one panel
+  per budget;
+* ``masks.png`` — empty-row/column fractions of every sparse entry against a uniformly random mask of
+  the same density, and max-pooled heatmaps of the densest RoSA mask (the paper's Figs. 4-5 observation).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence
+
+from ..eval.compare import METHOD_LABELS
+from ..plots import finish, pyplot_or_none
+
+
+def _pyplot():
+    return pyplot_or_none("rosa study")
+
+
+def series_label(record: dict) -> str:
+    """RoSA entries are told apart by the low-rank share of their budget; other methods by name."""
+    method = record["method"]
+    label = METHOD_LABELS.get(method, method)
+    if method == "rosa":
+        r, d = record["train"]["r"], record["train"]["density"]
+        return f"{label} r{r} d{100 * d:.2g}%"
+    return label
+
+
+def rosa_mix(record: dict, records: Sequence[dict]) -> Optional[str]:
+    """A RoSA cell's share of its budget in the low-rank part ("3/4"), found from the LoRA cell of the same
+    task with (within 2%) the same trainable parameters; None when there is no such LoRA cell."""
+    from fractions import Fraction
+
+    params = record["train"]["trainable_params"]
+    for other in records:
+        if (other["task"] == record["task"] and other["method"] == "lora" and other["train"]["r"]
+                and abs(other["train"]["trainable_params"] - params) <= 0.02 * params):
+            return str(Fraction(record["train"]["r"], other["train"]["r"]).limit_denominator(16))
+    return None
+
+
+def _mean_sd(values: Sequence[float]):
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, sd
+
+
+def primary_value(record: dict) -> float:
+    return 100.0 * record["eval"]["summary"]["accuracy"]
+
+
+def plot_accuracy(records: Sequence[dict], path: str) -> Optional[str]:
+    """Accuracy vs trainable parameters. RoSA points sharing an r/d *mix* (the same r : d ratio scaled)
+    are not joined: each (r, d) is one marker, LoRA / SpA are lines, FFT a horizontal band."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    tasks = list(OrderedDict.fromkeys(r["task"] for r in records))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.0 * len(tasks), 4.2), squeeze=False)
+    markers = {"lora": "o", "spa": "s", "rosa": "^", "fft": "*"}
+    for ax, task in zip(axes[0], tasks):
+        points: Dict[tuple, List[float]] = OrderedDict()
+        for r in records:
+            if r["task"] == task:
+                key = (r["method"], r["entry"], r["train"]["trainable_params"], series_label(r))
+                points.setdefault(key, []).append(primary_value(r))
+        lines: Dict[str, list] = OrderedDict()
+        for (method, entry, params, label), values in points.items():
+            mean, sd = _mean_sd(values)
+            if method == "fft":
+                ax.axhline(mean, color="black", linestyle="--", linewidth=1,
+                           label=f"FFT ({params / 1e6:.0f}M params)" + (f", ±{sd:.1f}" if len(values) > 1 else ""))
+                continue
+            series = METHOD_LABELS.get(method, method) if method != "rosa" else label
+            if method == "rosa":
+                rec = next(r for r in records if r["task"] == task and r["entry"] == entry)
+                mix = rosa_mix(rec, records)
+                series = f"RoSA, {mix} of the budget low-rank" if mix else label
+            lines.setdefault(series, []).append((params, mean, sd, method))
+        for series, pts in lines.items():
+            pts.sort()
+            xs, ys, es = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+            ax.errorbar(xs, ys, yerr=es, marker=markers.get(pts[0][3], "o"), capsize=3, label=series,
+                        linestyle="-" if len(pts) > 1 else "none")
+        metric = next(r["eval"]["summary"].get("primary_metric", "accuracy") for r in records if r["task"] == task)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(task)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    return finish(fig, plt, "accuracy vs trainable parameters (mean ± sd over seeds)", path)
+
+
+def read_losses(metrics_path: str) -> List[tuple]:
+    """(step, loss) of the ``train`` phase's per-step logs in a ``metrics.jsonl``."""
+    out = []
+    with open(metrics_path, encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if rec.get("event") == "log" and rec.get("phase") == "train" and "loss" in rec and "step" in rec:
+                out.append((rec["step"], rec["loss"]))
+    return out
+
+
+def _budget_groups(records: Sequence[dict]) -> List[int]:
+    """The distinct trainable-parameter counts of the non-FFT cells, merged within 2% (one per budget)."""
+    groups: List[int] = []
+    for p in sorted(r["train"]["trainable_params"] for r in records if r["method"] != "fft"):
+        if not groups or p > groups[-1] * 1.02:
+            groups.append(p)
+    return groups
+
+
+def plot_losses(records: Sequence[dict], cell_dirs: Sequence[str], path: str) -> Optional[str]:
+    """Training loss per optimizer step of every entry's first seed: one row per task, one panel per budget
+    (entries within 2% of the same trainable parameters), FFT drawn in every panel."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    tasks = list(OrderedDict.fromkeys(r["task"] for r in records))
+    budgets = {t: _budget_groups([r for r in records if r["task"] == t]) or [0] for t in tasks}
+    ncols = max(len(b) for b in budgets.values())
+    fig, axes = plt.subplots(len(tasks), ncols, figsize=(5.0 * ncols, 3.8 * len(tasks)), squeeze=False)
+    for row, task in enumerate(tasks):
+        for col in range(ncols):
+            ax = axes[row][col]
+            if col >= len(budgets[task]):
+                ax.axis("off")
+                continue
+            low = budgets[task][col]
+            seen = set()
+            for r, d in zip(records, cell_dirs):
+                params = r["train"]["trainable_params"]
+                inside = r["method"] == "fft" or low <= params <= low * 1.02
+                if r["task"] != task or r["entry"] in seen or not inside:
+                    continue
+                seen.add(r["entry"])
+                metrics = os.path.join(d, "metrics.jsonl")
+                pts = read_losses(metrics) if os.path.isfile(metrics) else []
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=1,
+                            linestyle="--" if r["method"] == "fft" else "-",
+                            label=f"{r['entry']} ({params / 1e6:.3g}M), seed {r['seed']}")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("training loss")
+            ax.set_title(f"{task}, {low / 1e6:.3g}M trainable parameters")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=6)
+    return finish(fig, plt, "training loss per step (response tokens; RoSA after its warm-up and restart)", path)
+
+
+def read_structures(records: Sequence[dict], cell_dirs: Sequence[str]) -> List[tuple]:
+    """(record, structure) for every cell that recorded a ``mask_structure.json``."""
+    out = []
+    for r, d in zip(records, cell_dirs):
+        info = r.get("masks")
+        if info:
+            with open(os.path.join(d, info["file"]), encoding="utf-8") as fh:
+                out.append((r, json.load(fh)))
+    return out
+
+
+def plot_masks(records: Sequence[dict], cell_dirs: Sequence[str], path: str) -> Optional[str]:
+    """Empty rows/columns of each sparse entry (first seed) vs random, and the densest RoSA mask's heatmaps."""
+    structures = [(r, s) for r, s in read_structures(records, cell_dirs)]
+    firsts, seen = [], set()
+    for r, s in structures:
+        if (r["task"], r["entry"]) not in seen:
+            seen.add((r["task"], r["entry"]))
+            firsts.append((r, s))
+    if not firsts:
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    rosa = [(r, s) for r, s in firsts if r["method"] == "rosa"] or firsts
+    shown_r, shown = max(rosa, key=lambda rs: rs[0]["train"]["density"])
+    maps = shown["heatmaps"]
+    ncols = max(len(maps), 1)
+    fig = plt.figure(figsize=(max(3.0 * ncols, 10), 8.5))
+    grid = fig.add_gridspec(2, ncols, height_ratios=[1.0, 1.3])
+    ax = fig.add_subplot(grid[0, :])
+    labels = [f"{r['task']}: {r['entry']}" for r, _ in firsts]
+    xs = list(range(len(firsts)))
+    width = 0.2
+    ax.bar([x - 1.5 * width for x in xs], [s["overall"]["empty_rows"] for _, s in firsts], width, label="empty rows")
+    ax.bar([x - 0.5 * width for x in xs], [s["overall"]["random_empty_rows"] for _, s in firsts], width,
+           label="empty rows, random mask", alpha=0.5)
+    ax.bar([x + 0.5 * width for x in xs], [s["overall"]["empty_cols"] for _, s in firsts], width,
+           label="empty columns")
+    ax.bar([x + 1.5 * width for x in xs], [s["overall"]["random_empty_cols"] for _, s in firsts], width,
+           label="empty columns, random mask", alpha=0.5)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel("fraction (mean over weights)")
+    ax.set_title("rows / columns of the masks with no kept entry: the masks vs uniformly random masks of equal density")
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
+    import numpy as np
+
+    for i, pic in enumerate(maps):
+        a = fig.add_subplot(grid[1, i])
+        img = np.array([[c == "1" for c in row] for row in pic["rows"]], dtype=float)
+        a.imshow(img, cmap="Greys", interpolation="nearest", aspect="auto")
+        a.set_title(f"{pic['name'].replace('model.layers.', 'L')}\n{pic['shape'][0]}x{pic['shape'][1]}",
+                    fontsize=7)
+        a.set_xticks([])
+        a.set_yticks([])
+    return finish(fig, plt, f"mask structure; heatmaps: {shown_r['cell']} ({shown['pool']}x{shown['pool']} "
+                            f"max-pooled, black = block holds a kept entry)", path)
