@@ -1,8 +1,8 @@
 """The study's figures, drawn only from files the cells wrote (``cell.json``, ``metrics.jsonl``,
 ``mask_structure.json``), so that ``rosa study`` over finished cells redraws them without training.
 
-* ``results.png`` — primary metric vs trainable parameters, one panel per task, one series per method
-  (RoSA mixes labelled by their LoRA share), seed spread as error bars (the paper's Fig. 2 shape);
+* ``results.png`` — each task metric of the table vs trainable parameters, one panel per (task, metric),
+  one line per method and per RoSA mix, seed spread as error bars (the paper's Fig. 2 shape);
 * ``loss.png`` — training loss per step of every entry's first seed (after RoSA's restart), one panel
   per budget;
 * ``masks.png`` — empty-row/column fractions of every sparse entry against a uniformly random mask of
@@ -54,25 +54,38 @@ def _mean_sd(values: Sequence[float]):
     return mean, sd
 
 
-def primary_value(record: dict) -> float:
-    return 100.0 * record["eval"]["summary"]["accuracy"]
+def metric_panels(records: Sequence[dict]) -> List[tuple]:
+    """(task, column title, getter) per panel: the task's table metrics (``table.TASK_COLUMNS``)."""
+    from .table import DEFAULT_COLUMNS, NUMERIC, TASK_COLUMNS
+
+    getters = {key: getter for key, getter, _ in NUMERIC}
+    panels = []
+    for task in OrderedDict.fromkeys(r["task"] for r in records):
+        for title, key in TASK_COLUMNS.get(task, DEFAULT_COLUMNS):
+            panels.append((task, title, getters[key]))
+    return panels
 
 
 def plot_accuracy(records: Sequence[dict], path: str) -> Optional[str]:
-    """Accuracy vs trainable parameters. RoSA points sharing an r/d *mix* (the same r : d ratio scaled)
-    are not joined: each (r, d) is one marker, LoRA / SpA are lines, FFT a horizontal band."""
+    """Each task metric vs trainable parameters: LoRA / SpA as lines, RoSA one line per mix, FFT a dashed
+    level; error bars are the seed spread. Cells without the metric are left out of its panel."""
     plt = _pyplot()
     if plt is None:
         return None
-    tasks = list(OrderedDict.fromkeys(r["task"] for r in records))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.0 * len(tasks), 4.2), squeeze=False)
+    panels = metric_panels(records)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     markers = {"lora": "o", "spa": "s", "rosa": "^", "fft": "*"}
-    for ax, task in zip(axes[0], tasks):
+    for ax, (task, title, getter) in zip(axes[0], panels):
         points: Dict[tuple, List[float]] = OrderedDict()
         for r in records:
-            if r["task"] == task:
-                key = (r["method"], r["entry"], r["train"]["trainable_params"], series_label(r))
-                points.setdefault(key, []).append(primary_value(r))
+            if r["task"] != task:
+                continue
+            try:
+                value = float(getter(r))
+            except (KeyError, TypeError):
+                continue
+            key = (r["method"], r["entry"], r["train"]["trainable_params"], series_label(r))
+            points.setdefault(key, []).append(value)
         lines: Dict[str, list] = OrderedDict()
         for (method, entry, params, label), values in points.items():
             mean, sd = _mean_sd(values)
@@ -80,7 +93,7 @@ def plot_accuracy(records: Sequence[dict], path: str) -> Optional[str]:
                 ax.axhline(mean, color="black", linestyle="--", linewidth=1,
                            label=f"FFT ({params / 1e6:.0f}M params)" + (f", ±{sd:.1f}" if len(values) > 1 else ""))
                 continue
-            series = METHOD_LABELS.get(method, method) if method != "rosa" else label
+            series = METHOD_LABELS.get(method, method)
             if method == "rosa":
                 rec = next(r for r in records if r["task"] == task and r["entry"] == entry)
                 mix = rosa_mix(rec, records)
@@ -91,14 +104,13 @@ def plot_accuracy(records: Sequence[dict], path: str) -> Optional[str]:
             xs, ys, es = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
             ax.errorbar(xs, ys, yerr=es, marker=markers.get(pts[0][3], "o"), capsize=3, label=series,
                         linestyle="-" if len(pts) > 1 else "none")
-        metric = next(r["eval"]["summary"].get("primary_metric", "accuracy") for r in records if r["task"] == task)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
-        ax.set_ylabel(f"{metric} (%)")
-        ax.set_title(task)
+        ax.set_ylabel(title)
+        ax.set_title(f"{task}: {title}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    return finish(fig, plt, "accuracy vs trainable parameters (mean ± sd over seeds)", path)
+    return finish(fig, plt, "task metrics vs trainable parameters (mean ± sd over seeds)", path)
 
 
 def read_losses(metrics_path: str) -> List[tuple]:

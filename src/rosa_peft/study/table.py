@@ -100,12 +100,33 @@ DEFAULT_COLUMNS = (("Accuracy (%)", "accuracy"),)
 _FMT = {key: fmt for key, _, fmt in NUMERIC}
 
 
+_METHOD_ORDER = {"lora": 0, "rosa": 1, "spa": 2}
+
+
+def budget_order(rows: Sequence[dict]) -> List[dict]:
+    """Rows grouped by budget (trainable parameters within 2% of each other, smallest first), inside a
+    budget LoRA, then RoSA by falling rank, then SpA; FFT last. The order of a paper-style table."""
+    adapters = sorted(r["trainable_params"] for r in rows if r["method"] != "fft")
+    groups: List[int] = []
+    for p in adapters:
+        if not groups or p > groups[-1] * 1.02:
+            groups.append(p)
+
+    def key(row):
+        if row["method"] == "fft" or not groups:
+            return (len(groups), 0, 0)
+        group = max(i for i, low in enumerate(groups) if row["trainable_params"] >= low)
+        return (group, _METHOD_ORDER.get(row["method"], 3), -(row["r"] or 0))
+
+    return sorted(rows, key=key)
+
+
 def render_markdown(records: Sequence[dict]) -> str:
     rows = aggregate(records)
     out = ["# Study results", "",
            f"{len(records)} cells; mean ± sample sd over seeds. Every number comes from a `cells/*/cell.json`."]
     for task in OrderedDict.fromkeys(row["task"] for row in rows):
-        task_rows = [row for row in rows if row["task"] == task]
+        task_rows = budget_order([row for row in rows if row["task"] == task])
         columns = TASK_COLUMNS.get(task, DEFAULT_COLUMNS)
         n = sorted({m["eval"]["summary"].get("n") for m in records if m["task"] == task}, key=str)
         titles = ["Method", "r", "d", "Trainable params", "Seeds", *[t for t, _ in columns], "Train loss",
