@@ -7,17 +7,24 @@ import sys
 from .io import atomic_write_bytes
 
 
-def pyplot_or_none(who: str):
-    """``matplotlib.pyplot`` on the Agg backend, or None after telling the user how to install it."""
+def import_pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def pyplot_or_none(who: str):
+    """:func:`import_pyplot`, telling the user how to install matplotlib when it is missing."""
+    plt = import_pyplot()
+    if plt is None:
         print(f"{who}: matplotlib is not installed, so no plot was written "
               "(pip install 'rosa-peft[plot]' or pip install matplotlib)", file=sys.stderr)
-        return None
     return plt
 
 

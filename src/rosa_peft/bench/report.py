@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from ..plots import import_pyplot
+
 
 def environment(device: str, threads: int) -> dict:
     env = {
@@ -116,12 +118,8 @@ def markdown(result: dict) -> str:
 # ---- plot -------------------------------------------------------------------------------------------
 def plot(result: dict, path: Path) -> Optional[str]:
     """Bar chart of step time and memory relative to PEFT LoRA; returns a message when skipped."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = import_pyplot()
+    if plt is None:
         return "matplotlib is not installed: no plot written (pip install rosa-peft[plot])"
     blocks = [b for b in result.get("step", []) if any(r.get("ratio_to_lora") for r in b["results"])]
     if not blocks:

@@ -8,6 +8,8 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
+from ..plots import import_pyplot, save_png
+
 
 class MetricsWriter(TrainerCallback):
     """Appends every Trainer log record and every schedule phase change to ``metrics.jsonl``."""
@@ -44,12 +46,8 @@ def read_metrics(path: str) -> list[dict]:
 
 def plot_loss(metrics_path: str, png_path: str, title: Optional[str] = None) -> Optional[str]:
     """Loss per optimizer step, one line per phase (warm-up and the restarted run). None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = import_pyplot()
+    if plt is None:
         return None
     series: dict[str, tuple[list, list]] = {}
     for rec in read_metrics(metrics_path):
@@ -67,8 +65,7 @@ def plot_loss(metrics_path: str, png_path: str, title: Optional[str] = None) -> 
     if series:
         ax.legend()
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    try:
+        return save_png(fig, png_path)
+    finally:
+        plt.close(fig)
