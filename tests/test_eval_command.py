@@ -8,7 +8,7 @@ import torch
 
 from rosa_peft.eval import command
 
-from test_eval_generate import peaked_tiny_llama, smol_tokenizer, with_random_adapter  # noqa: F401
+from test_eval_generate import save_tiny_base, smol_tokenizer, with_random_adapter  # noqa: F401
 
 
 def rosa_eval(*argv):
@@ -31,9 +31,7 @@ def test_cli_maps_eval_to_this_module():
 def tiny_run(tmp_path_factory, smol_tokenizer):  # noqa: F811
     """A saved tiny base model (with the SmolLM2 tokenizer) and a RoSA adapter trained on nothing."""
     root = tmp_path_factory.mktemp("tiny")
-    base = peaked_tiny_llama(len(smol_tokenizer))
-    base.save_pretrained(root / "base")
-    smol_tokenizer.save_pretrained(root / "base")
+    base = save_tiny_base(root / "base", smol_tokenizer)
     with_random_adapter(base).save_pretrained(str(root / "run"))
     return root / "base", root / "run"
 

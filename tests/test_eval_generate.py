@@ -45,6 +45,14 @@ def peaked_tiny_llama(vocab_size, seed=0):
     return model
 
 
+def save_tiny_base(directory, tokenizer):
+    """:func:`peaked_tiny_llama` saved with ``tokenizer`` into ``directory`` (a loadable base model); the model."""
+    base = peaked_tiny_llama(len(tokenizer))
+    base.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return base
+
+
 def with_random_adapter(base, seed=0):
     torch.manual_seed(seed)
     model = get_rosa_model(base, RosaConfig(r=2, density=0.05, init_lora_weights=False))

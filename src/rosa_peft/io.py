@@ -83,3 +83,9 @@ def read_json_object(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: must hold a JSON object")
     return data
+
+
+def read_jsonl(path: str) -> list:
+    """The JSON records of a JSON Lines file (blank lines skipped)."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

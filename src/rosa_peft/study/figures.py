@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 from ..eval.compare import METHOD_LABELS
+from ..io import read_jsonl
 from ..plots import finish, pyplot_or_none
+from .table import BUDGET_TOLERANCE, DEFAULT_COLUMNS, NUMERIC, TASK_COLUMNS, budget_groups, in_budget, mean_sd
 
 
 def _pyplot():
@@ -36,28 +37,19 @@ def series_label(record: dict) -> str:
 
 def rosa_mix(record: dict, records: Sequence[dict]) -> Optional[str]:
     """A RoSA cell's share of its budget in the low-rank part ("3/4"), found from the LoRA cell of the same
-    task with (within 2%) the same trainable parameters; None when there is no such LoRA cell."""
+    task with (within ``BUDGET_TOLERANCE``) the same trainable parameters; None when there is none."""
     from fractions import Fraction
 
     params = record["train"]["trainable_params"]
     for other in records:
         if (other["task"] == record["task"] and other["method"] == "lora" and other["train"]["r"]
-                and abs(other["train"]["trainable_params"] - params) <= 0.02 * params):
+                and abs(other["train"]["trainable_params"] - params) <= BUDGET_TOLERANCE * params):
             return str(Fraction(record["train"]["r"], other["train"]["r"]).limit_denominator(16))
     return None
 
 
-def _mean_sd(values: Sequence[float]):
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, sd
-
-
 def metric_panels(records: Sequence[dict]) -> List[tuple]:
     """(task, column title, getter) per panel: the task's table metrics (``table.TASK_COLUMNS``)."""
-    from .table import DEFAULT_COLUMNS, NUMERIC, TASK_COLUMNS
-
     getters = {key: getter for key, getter, _ in NUMERIC}
     panels = []
     for task in OrderedDict.fromkeys(r["task"] for r in records):
@@ -88,7 +80,8 @@ def plot_accuracy(records: Sequence[dict], path: str) -> Optional[str]:
             points.setdefault(key, []).append(value)
         lines: Dict[str, list] = OrderedDict()
         for (method, entry, params, label), values in points.items():
-            mean, sd = _mean_sd(values)
+            stat = mean_sd(values)
+            mean, sd = stat["mean"], stat["sd"]
             if method == "fft":
                 ax.axhline(mean, color="black", linestyle="--", linewidth=1,
                            label=f"FFT ({params / 1e6:.0f}M params)" + (f", ±{sd:.1f}" if len(values) > 1 else ""))
@@ -115,22 +108,8 @@ def plot_accuracy(records: Sequence[dict], path: str) -> Optional[str]:
 
 def read_losses(metrics_path: str) -> List[tuple]:
     """(step, loss) of the ``train`` phase's per-step logs in a ``metrics.jsonl``."""
-    out = []
-    with open(metrics_path, encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if rec.get("event") == "log" and rec.get("phase") == "train" and "loss" in rec and "step" in rec:
-                out.append((rec["step"], rec["loss"]))
-    return out
-
-
-def _budget_groups(records: Sequence[dict]) -> List[int]:
-    """The distinct trainable-parameter counts of the non-FFT cells, merged within 2% (one per budget)."""
-    groups: List[int] = []
-    for p in sorted(r["train"]["trainable_params"] for r in records if r["method"] != "fft"):
-        if not groups or p > groups[-1] * 1.02:
-            groups.append(p)
-    return groups
+    return [(rec["step"], rec["loss"]) for rec in read_jsonl(metrics_path)
+            if rec.get("event") == "log" and rec.get("phase") == "train" and "loss" in rec and "step" in rec]
 
 
 def plot_losses(records: Sequence[dict], cell_dirs: Sequence[str], path: str) -> Optional[str]:
@@ -140,7 +119,8 @@ def plot_losses(records: Sequence[dict], cell_dirs: Sequence[str], path: str) ->
     if plt is None:
         return None
     tasks = list(OrderedDict.fromkeys(r["task"] for r in records))
-    budgets = {t: _budget_groups([r for r in records if r["task"] == t]) or [0] for t in tasks}
+    budgets = {t: budget_groups(r["train"]["trainable_params"] for r in records
+                                if r["task"] == t and r["method"] != "fft") or [0] for t in tasks}
     ncols = max(len(b) for b in budgets.values())
     fig, axes = plt.subplots(len(tasks), ncols, figsize=(5.0 * ncols, 3.8 * len(tasks)), squeeze=False)
     for row, task in enumerate(tasks):
@@ -153,7 +133,7 @@ def plot_losses(records: Sequence[dict], cell_dirs: Sequence[str], path: str) ->
             seen = set()
             for r, d in zip(records, cell_dirs):
                 params = r["train"]["trainable_params"]
-                inside = r["method"] == "fft" or low <= params <= low * 1.02
+                inside = r["method"] == "fft" or in_budget(params, low)
                 if r["task"] != task or r["entry"] in seen or not inside:
                     continue
                 seen.add(r["entry"])
@@ -184,9 +164,8 @@ def read_structures(records: Sequence[dict], cell_dirs: Sequence[str]) -> List[t
 
 def plot_masks(records: Sequence[dict], cell_dirs: Sequence[str], path: str) -> Optional[str]:
     """Empty rows/columns of each sparse entry (first seed) vs random, and the densest RoSA mask's heatmaps."""
-    structures = [(r, s) for r, s in read_structures(records, cell_dirs)]
     firsts, seen = [], set()
-    for r, s in structures:
+    for r, s in read_structures(records, cell_dirs):
         if (r["task"], r["entry"]) not in seen:
             seen.add((r["task"], r["entry"]))
             firsts.append((r, s))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from typing import Dict, List, Sequence
+from typing import Dict, Iterable, List, Sequence
 
 from ..eval.compare import METHOD_LABELS
 
@@ -31,7 +31,7 @@ def _group_key(record: dict) -> tuple:
             record["train"]["trainable_params"])
 
 
-def _mean_sd(values: Sequence[float]) -> Dict[str, float]:
+def mean_sd(values: Sequence[float]) -> Dict[str, float]:
     n = len(values)
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
@@ -59,7 +59,7 @@ def aggregate(records: Sequence[dict]) -> List[dict]:
                "metric": members[0]["eval"]["summary"].get("primary_metric")}
         for key, getter, _ in NUMERIC:
             values = [v for v in (_value(getter, m) for m in members) if v is not None]
-            row[key] = _mean_sd(values) if values else None
+            row[key] = mean_sd(values) if values else None
         rows.append(row)
     return rows
 
@@ -101,16 +101,27 @@ _FMT = {key: fmt for key, _, fmt in NUMERIC}
 
 
 _METHOD_ORDER = {"lora": 0, "rosa": 1, "spa": 2}
+BUDGET_TOLERANCE = 0.02  # trainable-parameter counts this close (relative) are one budget
+
+
+def budget_groups(params: Iterable[int]) -> List[int]:
+    """The smallest count of each budget: ``params`` sorted, merged when within ``BUDGET_TOLERANCE``."""
+    groups: List[int] = []
+    for p in sorted(params):
+        if not groups or p > groups[-1] * (1 + BUDGET_TOLERANCE):
+            groups.append(p)
+    return groups
+
+
+def in_budget(params: int, low: int) -> bool:
+    """Whether ``params`` belongs to the budget whose smallest count is ``low``."""
+    return low <= params <= low * (1 + BUDGET_TOLERANCE)
 
 
 def budget_order(rows: Sequence[dict]) -> List[dict]:
-    """Rows grouped by budget (trainable parameters within 2% of each other, smallest first), inside a
-    budget LoRA, then RoSA by falling rank, then SpA; FFT last. The order of a paper-style table."""
-    adapters = sorted(r["trainable_params"] for r in rows if r["method"] != "fft")
-    groups: List[int] = []
-    for p in adapters:
-        if not groups or p > groups[-1] * 1.02:
-            groups.append(p)
+    """Rows grouped by budget (:func:`budget_groups`, smallest first), inside a budget LoRA, then RoSA by
+    falling rank, then SpA; FFT last. The order of a paper-style table."""
+    groups = budget_groups(r["trainable_params"] for r in rows if r["method"] != "fft")
 
     def key(row):
         if row["method"] == "fft" or not groups:

@@ -8,6 +8,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
+from ..io import read_jsonl
 from ..plots import import_pyplot, save_png
 
 
@@ -40,8 +41,8 @@ class MetricsWriter(TrainerCallback):
 
 
 def read_metrics(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The records of a ``metrics.jsonl``."""
+    return read_jsonl(path)
 
 
 def plot_loss(metrics_path: str, png_path: str, title: Optional[str] = None) -> Optional[str]:
