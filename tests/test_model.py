@@ -100,7 +100,7 @@ def test_save_load_roundtrip_and_merge(tmp_path):
     model.eval()
     logits = model(input_ids=ids).logits
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     loaded = RosaModel.from_pretrained(make_tiny_llama(seed=0), str(tmp_path))
     assert torch.equal(loaded(input_ids=ids).logits, logits)
     assert not any(p.requires_grad for p in loaded.parameters())

@@ -247,7 +247,7 @@ def test_save_and_load_like_rosa(backend, tmp_path):
         want = model(input_ids=x).logits
     model.save_pretrained(str(tmp_path))
     files = sorted(os.listdir(tmp_path))
-    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     loaded = RosaModel.from_pretrained(quantized(backend), str(tmp_path))
     with torch.no_grad():
         got = loaded(input_ids=x).logits

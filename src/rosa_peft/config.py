@@ -45,6 +45,18 @@ class RosaConfig:
             only one for quantized bases); ``"auto"`` picks per layer.
         index_dtype: ``"int32"`` or ``"int16"`` for the sparse column indices (int16 only where the
             weight has at most 32767 columns).
+        layers_to_transform: layer index, or list of indices, to adapt (as in PEFT): a target module is
+            kept only if its name has a ``.<layers_pattern>.<idx>.`` component with ``idx`` listed; names
+            without such a component are dropped. ``None`` (or ``[]``) adapts every layer. Not allowed
+            with a regex-string ``target_modules`` (``"all-linear"`` is fine).
+        layers_pattern: name(s) of the module list holding the layers (``"layers"`` for Llama, ``"h"``
+            for GPT-2), a string or list of strings, each a regex matched as one dotted component
+            (PEFT semantics). ``None`` tries the common names ``layers``, ``h``, ``block``, ``blocks``,
+            ``layer``. Only meaningful with ``layers_to_transform``.
+        modules_to_save: module names (exact or dotted-suffix match, like ``target_modules``' list
+            form) that are not adapted with LoRA/sparse weights: each adapter trains its own full copy
+            of them instead (e.g. a classifier head), the original stays frozen. See
+            :mod:`rosa_peft.modules_to_save`.
     """
 
     r: int = 8
@@ -65,6 +77,9 @@ class RosaConfig:
     peft_type: str = "ROSA"
     task_type: Optional[str] = "CAUSAL_LM"
     inference_mode: bool = False
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self):
         if isinstance(self.target_modules, (set, tuple)):
@@ -105,6 +120,40 @@ class RosaConfig:
                 raise ValueError(f"{name} must be a list of names, a regex string or 'all-linear', got {value!r}")
         if self.target_modules is None or self.target_modules == []:
             raise ValueError("target_modules must name at least one module (or be 'all-linear')")
+        self._check_layers_and_modules_to_save()
+
+    def _check_layers_and_modules_to_save(self) -> None:
+        if isinstance(self.layers_to_transform, tuple):
+            self.layers_to_transform = list(self.layers_to_transform)
+        if isinstance(self.layers_pattern, tuple):
+            self.layers_pattern = list(self.layers_pattern)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = sorted(self.modules_to_save) if isinstance(self.modules_to_save, set) \
+                else list(self.modules_to_save)
+        ltt = self.layers_to_transform
+        if ltt is not None:
+            values = ltt if isinstance(ltt, list) else [ltt]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+                raise ValueError(f"layers_to_transform must be an integer >= 0 or a list of them, got {ltt!r}")
+        lp = self.layers_pattern
+        if lp is not None:
+            values = lp if isinstance(lp, list) else [lp]
+            if not values or not all(isinstance(v, str) and v for v in values):
+                raise ValueError(f"layers_pattern must be a non-empty string or a non-empty list of them, got {lp!r}")
+            for v in values:
+                try:
+                    re.compile(v)
+                except re.error as exc:
+                    raise ValueError(f"layers_pattern is not a valid regex: {v!r} ({exc})") from None
+            if ltt is None:
+                raise ValueError("layers_pattern is set but layers_to_transform is not: give both (as in PEFT)")
+        regex_targets = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
+        if regex_targets and ltt is not None:
+            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string "
+                             f"({self.target_modules!r}); give a list of names or 'all-linear'")
+        mts = self.modules_to_save
+        if mts is not None and not (isinstance(mts, list) and all(isinstance(v, str) and v for v in mts)):
+            raise ValueError(f"modules_to_save must be a list of non-empty module names, got {mts!r}")
 
     # ---- per-module values ---------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:

@@ -5,7 +5,7 @@ Forward saves X once (plus the tiny X·Aᵀ and, with dropout, a bool keep-mask)
     dS = (dOᵀ·X) at the mask    (SDDMM; never a dense dW beyond one chunk)
     dX = dO·(W+S) + s·((dO·B)·A) ⊙ keep/(1-p)
 where Xd = X ⊙ keep/(1-p). Dropout touches the LoRA branch only and reuses the same keep-mask in
-backward. The dense W+S comes from a *weight source* (see ``layer.WeightSource``): for the ``merged``
+backward. The dense W+S comes from a *weight source* (``layer.MergedSource`` / ``SpAddSource``): for the ``merged``
 implementation it is the base weight itself (no copy); for ``sp_add`` a temporary built per call.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ class RosaLinearFunction(torch.autograd.Function):
         lora_A: Optional[torch.Tensor],
         lora_B: Optional[torch.Tensor],
         values: Optional[torch.Tensor],
-        source,  # WeightSource: dense(weight, values, dtype) -> W+S
+        source,  # a weight source: dense(weight, sp, values, dtype) -> W+S
         sp,  # SparseAdapter or None
         scaling: float,
         dropout_p: float,

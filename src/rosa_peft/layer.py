@@ -1,11 +1,21 @@
-"""RosaLinear: LoRA (B·A) plus a sparse adapter S over a frozen base Linear (float or 4-bit).
+"""RoSA layers: LoRA (B·A) plus a sparse adapter S over a frozen base layer, with PEFT's layer contract.
 
-Which base a layer wraps is decided once, by :func:`resolve_base_kind` (float ``nn.Linear`` here;
-``rosa_peft.quant`` registers the NF4 kinds). How ``W + S`` reaches the GEMMs is a *weight source*:
+``RosaLayer`` holds what every RoSA layer shares, in the shape of HF PEFT's ``BaseTunerLayer``: adapters
+keyed by name (``lora_A`` / ``lora_B`` / ``rosa_spa``), several active adapters, ``merge(safe_merge,
+adapter_names)`` / ``unmerge()`` with ``merged_adapters``, ``enable_adapters``, ``delete_adapter``, mixed
+adapter batches (``adapter_names=`` per sample). ``RosaLinear`` wraps ``nn.Linear`` (float or 4-bit) and
+transformers' GPT-2 ``Conv1D``; ``RosaEmbedding`` (``embedding.py``) wraps ``nn.Embedding``.
 
-* ``merged`` (default on float bases): the base weight holds ``W0 + S`` in place, ``W0`` is kept only at
-  the mask positions, and a forward pre-hook rewrites those positions whenever the values tensor's
-  version counter moved (i.e. after any optimizer step, by any optimizer). No dense copy per step.
+Which base a layer wraps is decided once, by :func:`resolve_base_kind` (float ``nn.Linear`` and ``Conv1D``
+here; ``rosa_peft.quant`` registers the NF4 kinds). How ``W + S`` reaches the GEMMs is a *weight source*:
+
+* ``merged`` (default on float bases): the base weight holds ``W0 + S`` at the mask positions and ``W0``
+  is kept there only (``rosa_w0``). Before every forward those nnz positions are rewritten from the
+  current values — O(nnz), next to an O(out·in·tokens) GEMM — so the result never depends on how the
+  values were updated (fused optimizers, ``param.data``, ``no_grad`` writes, ``load_state_dict``). The
+  writes go through ``.data`` (no autograd version bump). ``state_dict()`` always presents ``W0``, and
+  loading a state dict refreshes ``W0``: nothing outside the layer sees ``W0 + S``, except the live
+  base Parameter itself (``named_parameters``), which is the point of the implementation.
 * ``sp_add`` (the reference's path, and the only one for quantized bases): a temporary dense
   ``W + S`` is built per call (dequantised first for 4-bit bases) and dropped after the GEMM.
 """
@@ -13,8 +23,9 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -25,6 +36,7 @@ from .function import rosa_linear
 from .sparse import SparseAdapter
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+BASE_ONLY = "__base__"  # the name that selects no adapter in a mixed batch (PEFT's convention)
 
 
 # ---- base kinds: how to read a dense float weight out of the wrapped layer -----------------------
@@ -32,25 +44,54 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class BaseKind:
     name: str
     matches: Callable[[nn.Module], bool]
-    weight: Callable[[nn.Module], torch.Tensor]  # the tensor handed to the autograd Function
+    weight: Callable[[nn.Module], torch.Tensor]  # the (out, in) tensor handed to the autograd Function
     to_dense: Callable[[torch.Tensor, torch.dtype], torch.Tensor]  # may return the tensor itself
     supports_merged: bool
     compute_dtype: Callable[[nn.Module], torch.dtype]
+    shape: Optional[Callable[[nn.Module], tuple]] = None  # (out, in); default: in_/out_features
 
 
 def _is_float_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and m.weight.is_floating_point() and type(m.weight.data) is torch.Tensor
 
 
-FLOAT_LINEAR = BaseKind(
-    name="float",
-    matches=_is_float_linear,
-    weight=lambda m: m.weight,
-    to_dense=lambda w, dtype: w if w.dtype == dtype else w.to(dtype),
-    supports_merged=True,
-    compute_dtype=lambda m: m.weight.dtype,
-)
-BASE_KINDS: list[BaseKind] = [FLOAT_LINEAR]
+def _conv1d_class():
+    """transformers' GPT-2 ``Conv1D`` when transformers is already imported (never imports it)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+def _is_float_conv1d(m: nn.Module) -> bool:
+    cls = _conv1d_class()
+    return (cls is not None and isinstance(m, cls) and m.weight.is_floating_point()
+            and type(m.weight.data) is torch.Tensor)
+
+
+def _plain_weight(m: nn.Module) -> torch.Tensor:
+    return m.weight
+
+
+def _conv1d_weight(m: nn.Module) -> torch.Tensor:
+    return m.weight.t()  # Conv1D stores (in, out): hand out the (out, in) view
+
+
+def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def _weight_dtype(m: nn.Module) -> torch.dtype:
+    return m.weight.dtype
+
+
+def _conv1d_shape(m: nn.Module) -> tuple:
+    return (m.weight.shape[1], m.weight.shape[0])
+
+
+FLOAT_LINEAR = BaseKind(name="float", matches=_is_float_linear, weight=_plain_weight, to_dense=_cast,
+                        supports_merged=True, compute_dtype=_weight_dtype)
+CONV1D = BaseKind(name="conv1d", matches=_is_float_conv1d, weight=_conv1d_weight, to_dense=_cast,
+                  supports_merged=True, compute_dtype=_weight_dtype, shape=_conv1d_shape)
+BASE_KINDS: list[BaseKind] = [FLOAT_LINEAR, CONV1D]
 
 
 def register_base_kind(kind: BaseKind) -> None:
@@ -75,6 +116,13 @@ def resolve_base_kind(module: nn.Module) -> Optional[BaseKind]:
     return None
 
 
+def base_shape(kind: BaseKind, module: nn.Module) -> tuple:
+    """(out, in) of the weight a kind exposes."""
+    if kind.shape is not None:
+        return tuple(kind.shape(module))
+    return (module.out_features, module.in_features)
+
+
 # ---- weight sources ------------------------------------------------------------------------------
 class MergedSource:
     """The base weight already holds W0 + S: use it as is."""
@@ -95,11 +143,19 @@ class SpAddSource:
     def dense(self, weight, sp, values, dtype):
         if sp is None or values is None or values.numel() == 0:
             return self.kind.to_dense(weight, dtype)
-        if self.kind is FLOAT_LINEAR:
-            w = weight.clone()
+        if self.kind.supports_merged:  # a float weight: the temporary must be a copy
+            w = weight.clone(memory_format=torch.contiguous_format)
             sparse.add_into(w, sp, values)
             return w if w.dtype == dtype else w.to(dtype)
         w = self.kind.to_dense(weight, dtype)  # quantized bases: a fresh de-quantised temporary
+        return sparse.add_into(w, sp, values)
+
+
+class SparseOnlySource:
+    """S alone as a dense temporary (no base weight): the extra adapters of a multi-adapter forward."""
+
+    def dense(self, weight, sp, values, dtype):
+        w = torch.zeros(sp.shape, dtype=dtype, device=values.device)
         return sparse.add_into(w, sp, values)
 
 
@@ -111,20 +167,41 @@ class _Backup(nn.Module):
         self.register_buffer("values", values, persistent=False)
 
 
-# ---- the layer -----------------------------------------------------------------------------------
-class RosaLinear(nn.Module):
-    adapter_layer_names = ("lora_A", "lora_B", "rosa_spa")
+# ---- state-dict hooks: the base weight is always presented (and loaded) as W0 ---------------------
+def _present_w0(layer: "RosaLayer", state_dict, prefix, local_metadata):
+    held = layer._held
+    if held is None or layer.merged_adapters:
+        return state_dict
+    key = prefix + "base_layer.weight"
+    if key in state_dict:
+        raw = state_dict[key].detach().clone()
+        view = raw.t() if layer.kind is CONV1D else raw
+        sparse.write_into(view, layer.rosa_spa[held], layer.rosa_w0[held].values)
+        state_dict[key] = raw
+    return state_dict
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RosaConfig, module_name: str = ""):
-        super().__init__()
-        kind = resolve_base_kind(base_layer)
-        if kind is None:
-            raise TypeError(f"{module_name or type(base_layer).__name__}: cannot wrap {type(base_layer).__name__}")
+
+def _before_load(layer: "RosaLayer", state_dict, prefix, *args):
+    layer._restore_base()  # the base holds W0 exactly while new tensors are copied in
+
+
+def _after_load(layer: "RosaLayer", incompatible_keys):
+    if not layer.merged_adapters:
+        layer._refresh_w0()
+
+
+# ---- the shared layer ------------------------------------------------------------------------------
+class RosaLayer(nn.Module):
+    """What every RoSA layer shares (PEFT's ``BaseTunerLayer`` contract); subclasses provide the math."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "rosa_spa")
+    other_param_names = ("r", "scaling", "lora_dropout", "density", "impl", "init_lora_weights")
+
+    def _setup(self, base_layer: nn.Module, kind, module_name: str, shape: tuple, tied: bool = False) -> None:
         self.base_layer = base_layer
         self.kind = kind
         self.module_name = module_name
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.out_features, self.in_features = shape
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.rosa_spa = nn.ModuleDict()
@@ -135,29 +212,75 @@ class RosaLinear(nn.Module):
         self.density: dict[str, float] = {}
         self.impl: dict[str, str] = {}
         self.init_lora_weights: dict[str, object] = {}
-        self.active_adapter = adapter_name
-        self.disable_adapters = False
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._synced: Optional[tuple] = None  # (adapter, values key) whose S lives in the base weight
-        self.update_layer(adapter_name, config)
-        self.register_forward_pre_hook(_sync_pre_hook)
+        self._held: Optional[str] = None  # the adapter whose S lives in the base weight (merged impl)
+        self._batch_adapter_names: Optional[list] = None  # set by RosaModel for mixed-batch forwards
+        self.tied = tied  # the base weight is shared with another module (e.g. tied input/output embeddings)
+        self._register_state_dict_hook(_present_w0)
+        self._register_load_state_dict_pre_hook(_before_load, with_module=True)
+        self.register_load_state_dict_post_hook(_after_load)
 
-    # ---- adapters ----------------------------------------------------------------------------------
+    # ---- pickling: base kinds hold functions, so store the kind by what it matches -----------------
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["kind"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.kind = resolve_base_kind(self.base_layer)
+
+    # ---- PEFT's layer properties ---------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active_adapter[0] if self._active_adapter else ""
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base_layer, "bias", None)
+
     def _adapter_dtype(self, config: RosaConfig) -> torch.dtype:
         if config.adapter_dtype is not None:
             return _DTYPES[config.adapter_dtype]
         dt = self.kind.compute_dtype(self.base_layer)
         return dt if dt.is_floating_point else torch.float32
 
+    def _device(self) -> torch.device:
+        return self.kind.weight(self.base_layer).device
+
+    # ---- adapters ----------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: RosaConfig) -> None:
         r = config.rank_for(self.module_name)
         impl = config.impl
         if impl == "auto":
-            impl = "merged" if self.kind.supports_merged else "sp_add"
+            impl = "merged" if self.kind.supports_merged and not self.tied else "sp_add"
         elif impl == "merged" and not self.kind.supports_merged:
             raise ValueError(f"{self.module_name}: impl='merged' cannot edit a {self.kind.name} base in place; use 'sp_add' or 'auto'")
+        elif impl == "merged" and self.tied:
+            warnings.warn(f"{self.module_name}: its weight is tied to another module (e.g. the output head), "
+                          "so impl='merged' would change that module too; using 'sp_add' for this layer",
+                          UserWarning, stacklevel=3)
+            impl = "sp_add"
         dtype = self._adapter_dtype(config)
-        device = self.kind.weight(self.base_layer).device
+        device = self._device()
         self.r[adapter_name] = r
         self.scaling[adapter_name] = config.scaling_for(self.module_name)
         self.lora_dropout[adapter_name] = float(config.lora_dropout)
@@ -165,12 +288,20 @@ class RosaLinear(nn.Module):
         self.impl[adapter_name] = impl
         self.init_lora_weights[adapter_name] = config.init_lora_weights
         if r > 0:
-            self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
-            self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
+            a_in, b_out = self._lora_dims()
+            self.lora_A[adapter_name] = nn.Linear(a_in, r, bias=False, dtype=dtype, device=device)
+            self.lora_B[adapter_name] = nn.Linear(r, b_out, bias=False, dtype=dtype, device=device)
         self.rosa_spa[adapter_name] = SparseAdapter(
             self.out_features, self.in_features, dtype=dtype, device=device, index_dtype=config.index_dtype
         )
         self.reset_lora_parameters(adapter_name)
+        if not self._active_adapter:
+            self._active_adapter = [adapter_name]
+        self.set_adapter(self._active_adapter)
+
+    def _lora_dims(self) -> tuple[int, int]:
+        """(A's input size, B's output size)."""
+        return self.in_features, self.out_features
 
     def reset_lora_parameters(self, adapter_name: str, generator: Optional[torch.Generator] = None) -> None:
         """Fresh LoRA init: A Kaiming-uniform (or Gaussian), B = 0 (random when init_lora_weights=False)."""
@@ -183,7 +314,7 @@ class RosaLinear(nn.Module):
             if init == "gaussian":
                 a.normal_(0.0, 1.0 / self.r[adapter_name], generator=generator)
             else:
-                bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=sqrt(5)) on (r, in)
+                bound = 1.0 / math.sqrt(a.shape[1])  # kaiming_uniform(a=sqrt(5)) on (r, fan_in)
                 a.uniform_(-bound, bound, generator=generator)
             if init is False:
                 bound_b = 1.0 / math.sqrt(max(1, self.r[adapter_name]))
@@ -195,6 +326,7 @@ class RosaLinear(nn.Module):
         sp: SparseAdapter = self.rosa_spa[adapter_name]
         if tuple(mask.shape) != sp.shape:
             raise ValueError(f"mask for {self.module_name!r} has shape {tuple(mask.shape)}, the weight is {sp.shape}")
+        self._check_not_merged(adapter_name, "set a mask of")
         self._restore_base()
         init = None
         if self.init_lora_weights[adapter_name] is False:
@@ -203,97 +335,299 @@ class RosaLinear(nn.Module):
         trainable = sp.values.requires_grad
         sp.set_mask(mask, init)
         sp.values.requires_grad_(trainable)
-        self._after_structure_change(adapter_name)
+        self._refresh_w0()
 
     def load_sparse(self, adapter_name: str, row_offsets, col_indices, values) -> None:
         sp: SparseAdapter = self.rosa_spa[adapter_name]
+        self._check_not_merged(adapter_name, "load sparse values into")
         self._restore_base()
         trainable = sp.values.requires_grad
         sp.set_csr(row_offsets, col_indices, values)
         sp.values.requires_grad_(trainable)
-        self._after_structure_change(adapter_name)
+        self._refresh_w0()
 
-    def _after_structure_change(self, adapter_name: str) -> None:
-        sp = self.rosa_spa[adapter_name]
-        if self.impl[adapter_name] == "merged":
-            w = self.kind.weight(self.base_layer)
-            self.rosa_w0[adapter_name] = _Backup(sparse.gather_from(w.detach(), sp).clone())
-        self._synced = None
+    def _check_not_merged(self, adapter_name: str, verb: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"{self.module_name}: cannot {verb} adapter {adapter_name!r} while it is merged; "
+                             "call unmerge_adapter() first")
+
+    @torch.no_grad()
+    def _refresh_w0(self) -> None:
+        """Re-read W0 at the mask positions of every ``merged``-impl adapter (the base must hold W0)."""
+        self._held = None
+        for name, sp in self.rosa_spa.items():
+            if self.impl.get(name) == "merged" and sp.has_mask:
+                w = self._weight_data()
+                self.rosa_w0[name] = _Backup(sparse.gather_from(w, sp).clone())
+            elif name in self.rosa_w0:
+                del self.rosa_w0[name]
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if self._synced is not None and self._synced[0] == adapter_name:
+        """Remove an adapter; a merged one is unmerged first (the others merged stay merged)."""
+        if adapter_name not in self.rosa_spa:
+            return
+        remerge = None
+        if adapter_name in self.merged_adapters:
+            remerge = [n for n in self.merged_adapters if n != adapter_name]
+            self.unmerge()
+        if self._held == adapter_name:
             self._restore_base()
         for d in (self.lora_A, self.lora_B, self.rosa_spa, self.rosa_w0):
             if adapter_name in d:
                 del d[adapter_name]
         for d in (self.r, self.scaling, self.lora_dropout, self.density, self.impl, self.init_lora_weights):
             d.pop(adapter_name, None)
+        if adapter_name in self._active_adapter:
+            rest = [n for n in self._active_adapter if n != adapter_name]
+            if not rest and len(self.rosa_spa):
+                rest = [next(iter(self.rosa_spa))]
+            self._active_adapter = rest
+            if rest:
+                self.set_adapter(rest)
+        if remerge:
+            self.merge(adapter_names=remerge)
 
-    def set_adapter(self, adapter_name: str, trainable: bool = True) -> None:
-        self.active_adapter = adapter_name
+    def set_adapter(self, adapter_names: Union[str, list], trainable: bool = True) -> None:
+        """Activate one or several adapters; only active adapters are trainable (PEFT's semantics)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self.rosa_spa:
-            on = trainable and name == adapter_name
+            on = trainable and name in names
             for mod in (self.lora_A, self.lora_B, self.rosa_spa):
                 if name in mod:
                     mod[name].requires_grad_(on)
+        self._active_adapter = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's ``enable_adapters``: disabled layers run the base alone (a merged adapter is unmerged
+        at the next forward)."""
+        if enabled:
+            self.set_adapter(self._active_adapter)
+            self._disable_adapters = False
+        else:
+            for layer_name in self.adapter_layer_names:
+                getattr(self, layer_name).requires_grad_(False)
+            self._disable_adapters = True
 
     # ---- keeping the base weight in step with S (merged implementation) ------------------------------
-    def _wanted_in_base(self) -> Optional[str]:
-        name = self.active_adapter
-        if self.disable_adapters or name not in self.rosa_spa or self.impl.get(name) != "merged":
-            return None
-        return name if self.rosa_spa[name].has_mask else None
+    def _weight_data(self) -> torch.Tensor:
+        """The (out, in) view of the base weight's ``.data`` (writes through it bump no version)."""
+        return self.kind.weight(self.base_layer).data if self.kind is not CONV1D else self.base_layer.weight.data.t()
 
-    @staticmethod
-    def _values_key(sp: SparseAdapter) -> tuple:
-        v = sp.values
-        return (id(v), v._version, v.data_ptr(), v.device)
+    def _wanted_in_base(self) -> Optional[str]:
+        if self._disable_adapters or self.merged_adapters or self._batch_adapter_names is not None:
+            return None
+        for name in self._active_adapter:
+            if name in self.rosa_spa and self.impl.get(name) == "merged" and self.rosa_spa[name].has_mask:
+                return name
+        return None
 
     @torch.no_grad()
     def _restore_base(self) -> None:
         """Write W0 back at the positions of the adapter currently held in the base weight."""
-        if self._synced is None:
+        name = self._held
+        if name is None:
             return
-        name = self._synced[0]
         if name in self.rosa_w0:
-            w = self.kind.weight(self.base_layer)
-            sparse.write_into(w, self.rosa_spa[name], self.rosa_w0[name].values)
-        self._synced = None
+            sparse.write_into(self._weight_data(), self.rosa_spa[name], self.rosa_w0[name].values)
+        self._held = None
 
     @torch.no_grad()
     def _sync_base(self) -> None:
+        """Make the base weight hold exactly W0 + S(current values) for the wanted adapter, O(nnz)."""
         if self.merged_adapters:
             return
         wanted = self._wanted_in_base()
-        if self._synced is not None and self._synced[0] != wanted:
+        if self._held is not None and self._held != wanted:
             self._restore_base()
         if wanted is None:
             return
         sp = self.rosa_spa[wanted]
-        key = self._values_key(sp)
-        if self._synced is not None and self._synced[1] == key:
-            return
-        w = self.kind.weight(self.base_layer)
         w0 = self.rosa_w0[wanted].values
-        sparse.write_into(w, sp, w0 + sp.values.detach().to(w0.dtype))
-        self._synced = (wanted, self._values_key(sp))
+        if w0.device != sp.values.device or w0.numel() != sp.nnz:  # moved or re-masked outside our verbs
+            self._refresh_w0()
+            w0 = self.rosa_w0[wanted].values
+        sparse.write_into(self._weight_data(), sp, w0 + sp.values.detach().to(w0.dtype))
+        self._held = wanted
+
+    @torch.no_grad()
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A fresh dense copy of W0 as (out, in) in ``dtype`` (dequantised for 4-bit bases), whatever the
+        layer holds in its base weight right now (merged adapters excluded: those are part of the base)."""
+        w = self.kind.to_dense(self.kind.weight(self.base_layer), dtype)
+        w = w.clone(memory_format=torch.contiguous_format) if self.kind.supports_merged else w
+        held = self._held
+        if held is not None and not self.merged_adapters:
+            sparse.write_into(w, self.rosa_spa[held], self.rosa_w0[held].values.to(dtype))
+        return w
+
+    def weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """dL/dW (out, in) of the base weight for the layer input ``x`` and output gradient (mask scoring)."""
+        g = grad_out.detach().reshape(-1, grad_out.shape[-1]).to(dtype)
+        return g.t() @ x.detach().reshape(-1, x.shape[-1]).to(dtype)
 
     # ---- forward -----------------------------------------------------------------------------------
+    def _runs(self, name: str) -> bool:
+        return name in self.rosa_spa and (self.r[name] > 0 or self.rosa_spa[name].has_mask)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = self.active_adapter
-        if self.disable_adapters or self.merged_adapters or name not in self.rosa_spa:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            adapter_names = self._batch_adapter_names
+        if self._disable_adapters:
+            if self.merged_adapters:
+                self.unmerge()
+            self._sync_base()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            if self.merged_adapters:
+                raise ValueError("cannot pass adapter_names while adapters are merged; call unmerge_adapter() first")
+            return self._mixed_batch_forward(x, list(adapter_names), *args, **kwargs)
+        if self.merged_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        self._sync_base()
+        active = [n for n in self._active_adapter if self._runs(n)]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        first = self._held if self._held in active else active[0]
+        out = self._adapter_forward(x, first, with_base=True)
+        for name in active:
+            if name != first:
+                out = out + self._adapter_forward(x, name, with_base=False).to(out.dtype)
+        return out
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list, *args, **kwargs) -> torch.Tensor:
+        """Each sample through its own adapter (``"__base__"``: none), as PEFT's mixed adapter batches."""
+        self._restore_base()
+        n = x.shape[0]
+        if len(adapter_names) != n:
+            if len(adapter_names) and n % len(adapter_names) == 0:  # e.g. generate(num_return_sequences=k)
+                k = n // len(adapter_names)
+                adapter_names = [a for a in adapter_names for _ in range(k)]
+            else:
+                raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {n}")
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            if name == BASE_ONLY or not self._runs(name):
+                continue
+            idx = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
+            delta = self._adapter_forward(x.index_select(0, idx), name, with_base=False)
+            result = result.index_add(0, idx, delta.to(result.dtype))
+        return result
+
+    def _adapter_forward(self, x: torch.Tensor, name: str, with_base: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- merging -----------------------------------------------------------------------------------
+    def _lora_delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """s·B·A as the (out, in) weight delta."""
+        a = self.lora_A[name].weight.detach().to(dtype)
+        b = self.lora_B[name].weight.detach().to(dtype)
+        return (b @ a).mul_(self.scaling[name])
+
+    def get_delta_weight(self, adapter_name: str, include_sparse: bool = True, dtype=torch.float32) -> torch.Tensor:
+        """s·B·A (+ dense S) as a dense (out, in) tensor."""
+        device = self.rosa_spa[adapter_name].values.device
+        if self.r.get(adapter_name, 0):
+            delta = self._lora_delta(adapter_name, dtype).to(device)
+        else:
+            delta = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=device)
+        sp = self.rosa_spa[adapter_name]
+        if include_sparse and sp.has_mask:
+            sparse.add_into(delta, sp, sp.values.detach())
+        return delta
+
+    @torch.no_grad()
+    def merged_weight(self, adapter_names: Union[str, list, None] = None) -> torch.Tensor:
+        """W0 + Σ (S + s·B·A) in float32 (any base kind), without touching the layer."""
+        names = self._merge_names(adapter_names, warn=False)
+        dense = self.base_weight(torch.float32)
+        for name in names:
+            dense.add_(self.get_delta_weight(name).to(dense.device))
+        return dense
+
+    def _merge_names(self, adapter_names, warn: bool = True) -> list[str]:
+        if adapter_names is None:
+            adapter_names = self._active_adapter
+        if isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        names = [n for n in adapter_names if n in self.rosa_spa]
+        if not warn or not self.merged_adapters:
+            return names
+        todo = [n for n in names if n not in self.merged_adapters]
+        if todo:
+            warnings.warn(f"{self.module_name or 'layer'}: adapters {', '.join(self.merged_adapters)} are already "
+                          f"merged; now also merging {', '.join(todo)}", UserWarning, stacklevel=3)
+        else:
+            warnings.warn(f"{self.module_name or 'layer'}: all of {', '.join(names)} are already merged; nothing to do",
+                          UserWarning, stacklevel=3)
+        return todo
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list] = None) -> None:
+        """Add s·B·A + S of the given (default: active) adapters into the base weight (PEFT's ``merge``)."""
+        if isinstance(safe_merge, str):  # the old positional form merge(adapter_name)
+            safe_merge, adapter_names = False, [safe_merge]
+        names = self._merge_names(adapter_names)
+        if not names:
+            return
+        if not self.kind.supports_merged:
+            raise ValueError(f"{self.module_name}: a {self.kind.name} base cannot be merged in place; use merge_and_unload()")
+        if self.tied:
+            warnings.warn(f"{self.module_name}: merging into a weight that is tied to another module changes that "
+                          "module too (as in PEFT); untie the weights first to merge this layer alone",
+                          UserWarning, stacklevel=3)
+        self._restore_base()
+        w = self._weight_data()
+        for name in names:
+            new = w.to(torch.float32) + self.get_delta_weight(name).to(w.device)
+            if safe_merge and not torch.isfinite(new).all():
+                raise ValueError(f"{self.module_name}: NaN/inf in the merged weight of adapter {name!r}; "
+                                 "the adapter seems to be broken")
+            w.copy_(new.to(w.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract every merged adapter again (latest first)."""
+        if not self.merged_adapters:
+            return
+        w = self._weight_data()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            w.copy_((w.to(torch.float32) - self.get_delta_weight(name).to(w.device)).to(w.dtype))
+        self._held = None
+
+    def extra_repr(self) -> str:
+        name = self.active_adapter
+        return f"adapter={name!r}, r={self.r.get(name)}, impl={self.impl.get(name)}, base={self.kind.name}"
+
+
+class RosaLinear(RosaLayer):
+    """RoSA over a Linear-like base: ``nn.Linear`` (float or 4-bit) or GPT-2 ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RosaConfig, module_name: str = "",
+                 tied: bool = False):
+        super().__init__()
+        kind = resolve_base_kind(base_layer)
+        if kind is None:
+            raise TypeError(f"{module_name or type(base_layer).__name__}: cannot wrap {type(base_layer).__name__}")
+        self._setup(base_layer, kind, module_name, base_shape(kind, base_layer), tied)
+        self.update_layer(adapter_name, config)
+
+    def _adapter_forward(self, x: torch.Tensor, name: str, with_base: bool) -> torch.Tensor:
         r = self.r[name]
         sp: SparseAdapter = self.rosa_spa[name]
         has_sparse = sp.has_mask
-        if r == 0 and not has_sparse:
-            return self.base_layer(x, *args, **kwargs)
-        if self.impl[name] == "merged":
-            self._sync_base()  # normally a no-op: the pre-hook already did it
-            source = MergedSource(self.kind)
+        dropout = self.lora_dropout[name] if self.training else 0.0
+        if with_base:
+            source = MergedSource(self.kind) if self._held == name else SpAddSource(self.kind)
+            bias = getattr(self.base_layer, "bias", None)
+        elif not has_sparse:  # LoRA alone: plain autograd
+            a, b = self.lora_A[name], self.lora_B[name]
+            xl = nn.functional.dropout(x.to(a.weight.dtype), dropout, self.training)
+            return b(a(xl)) * self.scaling[name]
         else:
-            source = SpAddSource(self.kind)
-        bias = getattr(self.base_layer, "bias", None)
+            source, bias = SparseOnlySource(), None
         return rosa_linear(
             x,
             self.kind.weight(self.base_layer),
@@ -304,65 +638,5 @@ class RosaLinear(nn.Module):
             source,
             sp if has_sparse else None,
             self.scaling[name],
-            self.lora_dropout[name] if self.training else 0.0,
+            dropout,
         )
-
-    # ---- merging -----------------------------------------------------------------------------------
-    def get_delta_weight(self, adapter_name: str, include_sparse: bool = True, dtype=torch.float32) -> torch.Tensor:
-        """s·B·A (+ dense S) as a dense (out, in) tensor."""
-        delta = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.rosa_spa[adapter_name].values.device)
-        if self.r.get(adapter_name, 0):
-            a = self.lora_A[adapter_name].weight.detach().to(dtype)
-            b = self.lora_B[adapter_name].weight.detach().to(dtype)
-            delta.addmm_(b, a, alpha=self.scaling[adapter_name])
-        sp = self.rosa_spa[adapter_name]
-        if include_sparse and sp.has_mask:
-            sparse.add_into(delta, sp, sp.values.detach())
-        return delta
-
-    @torch.no_grad()
-    def merged_weight(self, adapter_name: str) -> torch.Tensor:
-        """W0 + S + s·B·A in float32 (any base kind), without touching the layer."""
-        w = self.kind.weight(self.base_layer)
-        dense = self.kind.to_dense(w, torch.float32).clone()
-        in_base = self._synced is not None and self._synced[0] == adapter_name
-        if in_base:  # the base already holds W0 + S rounded to its dtype; keep that rounding
-            return dense.add_(self.get_delta_weight(adapter_name, include_sparse=False))
-        return dense.add_(self.get_delta_weight(adapter_name, include_sparse=True))
-
-    @torch.no_grad()
-    def merge(self, adapter_name: Optional[str] = None, safe_merge: bool = False) -> None:
-        name = adapter_name or self.active_adapter
-        if self.merged_adapters or name not in self.rosa_spa:
-            return
-        if not self.kind.supports_merged:
-            raise ValueError(f"{self.module_name}: a {self.kind.name} base cannot be merged in place; use merge_and_unload()")
-        self._sync_base()
-        w = self.kind.weight(self.base_layer)
-        in_base = self._synced is not None and self._synced[0] == name
-        delta = self.get_delta_weight(name, include_sparse=not in_base)
-        new = w.float() + delta
-        if safe_merge and not torch.isfinite(new).all():
-            raise ValueError(f"{self.module_name}: NaN/inf in the merged weight of adapter {name!r}")
-        w.copy_(new.to(w.dtype))
-        self.merged_adapters.append(name)
-        self._merge_in_base = in_base
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged_adapters:
-            return
-        name = self.merged_adapters.pop()
-        w = self.kind.weight(self.base_layer)
-        delta = self.get_delta_weight(name, include_sparse=not getattr(self, "_merge_in_base", False))
-        w.copy_((w.float() - delta).to(w.dtype))
-        if self._synced is not None:  # rewrite the mask positions exactly on the next forward
-            self._synced = (self._synced[0], None)
-
-    def extra_repr(self) -> str:
-        name = self.active_adapter
-        return f"adapter={name!r}, r={self.r.get(name)}, impl={self.impl.get(name)}, base={self.kind.name}"
-
-
-def _sync_pre_hook(module: RosaLinear, args):
-    module._sync_base()

@@ -35,17 +35,11 @@ def magnitude_scores(layer, adapter_name: Optional[str] = None) -> torch.Tensor:
     W0 is the frozen base weight: de-quantised for 4-bit bases, and with the pretrained values put
     back at the mask positions when the ``merged`` implementation holds W0 + S in the base weight.
     """
-    from . import sparse
-
     if layer.merged_adapters:
         raise ValueError(f"{layer.module_name!r}: adapters are merged into the base weight; unmerge before "
                          "computing magnitude scores")
-    w = layer.kind.weight(layer.base_layer)
     dtype = torch.float64 if layer.kind.compute_dtype(layer.base_layer) == torch.float64 else torch.float32
-    scores = layer.kind.to_dense(w.detach(), dtype).abs()
-    synced = layer._synced
-    if synced is not None and synced[0] in layer.rosa_w0:  # merged: the base holds W0 + S there
-        sparse.write_into(scores, layer.rosa_spa[synced[0]], layer.rosa_w0[synced[0]].values.to(dtype).abs())
+    scores = layer.base_weight(dtype).abs_()
     return scores
 
 

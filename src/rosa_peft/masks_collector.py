@@ -15,16 +15,16 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .layer import RosaLinear
+from .layer import RosaLayer
 
 GRAD_CRITERIA = ("fisher", "grad")
 
 
-def named_rosa_layers(model: nn.Module) -> list[tuple[str, RosaLinear]]:
-    """(name, layer) for every RosaLinear; names are relative to the wrapped model for a RosaModel."""
+def named_rosa_layers(model: nn.Module) -> list[tuple[str, RosaLayer]]:
+    """(name, layer) for every RoSA layer; names are relative to the wrapped model for a RosaModel."""
     if hasattr(model, "rosa_layers"):
         return list(model.rosa_layers())
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, RosaLinear)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, RosaLayer)]
 
 
 def _in_backward() -> bool:
@@ -157,10 +157,9 @@ class GradientCollector:
         if x._version != version:
             raise RuntimeError(f"mask scoring: the input of {name!r} was modified in place after the forward "
                                "pass, so its weight gradient cannot be formed")
-        dt = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32
+        dt = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32  # ids (embeddings): grad's
         with torch.no_grad():
-            g = grad.detach().reshape(-1, grad.shape[-1]).to(dt)
-            dw = g.t() @ x.detach().reshape(-1, x.shape[-1]).to(dt)
+            dw = self.layers[name].weight_grad(x, grad, dt)
         self._received[name] = self._received.get(name, 0) + 1
         pending = self._pending.pop(name, None)
         if pending is not None:

@@ -1,26 +1,44 @@
-"""RosaModel: wrap a model with RoSA adapters; save/load, masks, merge, unload, several adapters.
+"""RosaModel: wrap a model with RoSA adapters; the PEFT verbs for adapters, merging, saving and loading.
 
-The verbs follow HF PEFT's ``PeftModel`` so a PEFT user recognises them: ``get_rosa_model``,
-``print_trainable_parameters``, ``save_pretrained`` / ``from_pretrained``, ``disable_adapter``,
-``merge_and_unload``, ``unload``, ``add_adapter`` / ``set_adapter`` / ``delete_adapter``.
+The verbs follow HF PEFT's ``PeftModel`` / ``LoraModel`` so a PEFT user recognises them and gets the same
+semantics: ``get_rosa_model``, ``print_trainable_parameters``, ``save_pretrained`` / ``from_pretrained`` /
+``load_adapter``, ``add_adapter`` / ``set_adapter`` (one name or several) / ``delete_adapter``,
+``disable_adapter()`` and ``enable_adapter_layers`` / ``disable_adapter_layers``, ``merge_adapter`` /
+``unmerge_adapter`` / ``merge_and_unload`` / ``unload``, ``add_weighted_adapter``, mixed adapter batches
+(``adapter_names=`` in ``forward`` / ``generate``), ``get_layer_status`` / ``get_model_status``,
+``modules_to_save`` and ``layers_to_transform``. A PEFT keyword that has no meaning here raises naming it.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
-from typing import Iterator, Optional
+import re
+import warnings
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
+from . import hub, modelcard
 from .config import CONFIG_NAME, RosaConfig
+from .embedding import RosaEmbedding
 from .io import atomic_save_safetensors
-from .layer import RosaLinear
-from .targets import find_targets
+from .layer import BASE_ONLY, RosaLayer, RosaLinear, base_shape
+from .modules_to_save import (
+    ModulesToSaveWrapper,
+    load_modules_to_save_state,
+    modules_to_save_state_dict,
+    modules_to_save_wrappers,
+    unwrap_modules_to_save,
+    wrap_modules_to_save,
+)
+from .targets import find_targets_for
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PARTS = ("lora_A.weight", "lora_B.weight", "rosa_spa.values", "rosa_spa.row_offsets", "rosa_spa.col_indices")
+_SAVE_PART = ".modules_to_save."
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -29,44 +47,123 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _reject(verb: str, kwargs: dict) -> None:
+    if kwargs:
+        raise TypeError(f"{verb}() got unsupported keyword argument(s): {', '.join(sorted(kwargs))}")
+
+
+def _layer_for(module: nn.Module, adapter_name: str, config: RosaConfig, name: str, tied: bool) -> RosaLayer:
+    if isinstance(module, nn.Embedding):
+        return RosaEmbedding(module, adapter_name, config, module_name=name, tied=tied)
+    return RosaLinear(module, adapter_name, config, module_name=name, tied=tied)
+
+
+def _shared_weight_ids(model: nn.Module) -> set[int]:
+    """ids of weights that more than one module holds (tied embeddings / output heads)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, n in seen.items() if n > 1}
+
+
+def _module_shape(module: nn.Module) -> tuple:
+    """(out, in) of the weight a RoSA layer over ``module`` adapts."""
+    if isinstance(module, RosaLayer):
+        return (module.out_features, module.in_features)
+    if isinstance(module, nn.Embedding):
+        return tuple(module.weight.shape)
+    from .layer import resolve_base_kind
+
+    kind = resolve_base_kind(module)
+    return base_shape(kind, module) if kind is not None else (module.out_features, module.in_features)
+
+
+def _base_name_of(model: nn.Module) -> Optional[str]:
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name or None
+
+
+@dataclasses.dataclass
+class TunerLayerStatus:
+    """One adapted layer, as PEFT's ``get_layer_status`` reports it."""
+
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list
+    merged_adapters: list
+    requires_grad: dict
+    available_adapters: list
+    devices: dict
+
+
+@dataclasses.dataclass
+class TunerModelStatus:
+    """The whole model, as PEFT's ``get_model_status`` reports it (``"irregular"`` where layers disagree)."""
+
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: Any
+    active_adapters: Any
+    merged_adapters: Any
+    requires_grad: dict
+    available_adapters: list
+    devices: dict
+
+
 class RosaModel(nn.Module):
     """A transformers (or any torch) model with RoSA adapters injected in place."""
 
-    def __init__(self, model: nn.Module, config: RosaConfig, adapter_name: str = "default"):
+    def __init__(self, model: nn.Module, config: RosaConfig, adapter_name: str = "default",
+                 low_cpu_mem_usage: bool = False):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, RosaConfig] = {}
-        self.active_adapter = adapter_name
+        self._active: list[str] = [adapter_name]
         self._inject(adapter_name, config)
         # HF Trainer reads forward's signature to pick dataset columns: expose the base model's.
         self.__dict__["forward"] = functools.update_wrapper(functools.partial(type(self).forward, self), model.forward)
 
     # ---- injection -----------------------------------------------------------------------------------
     def _inject(self, adapter_name: str, config: RosaConfig) -> None:
+        if not isinstance(config, RosaConfig):
+            raise TypeError(f"config must be a RosaConfig, got {type(config).__name__}")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
-        names = find_targets(self.model, config.target_modules, config.exclude_modules)  # validates first
+        if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ONLY or "." in adapter_name:
+            raise ValueError(f"invalid adapter name {adapter_name!r}")
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = _base_name_of(self.model)
+        names = find_targets_for(self.model, config)  # validates first
         layers = [self.model.get_submodule(n) for n in names]
         for name, module in zip(names, layers):
-            r = config.rank_for(name)
-            if r > min(module.in_features, module.out_features):
-                raise ValueError(f"rank {r} for {name!r} exceeds min(in, out) = {min(module.in_features, module.out_features)}")
-            if config.index_dtype == "int16" and module.in_features > 32768:
-                raise ValueError(f"index_dtype='int16' cannot address the {module.in_features} columns of {name!r}")
+            out_f, in_f = _module_shape(module)
+            if config.index_dtype == "int16" and in_f > 32768:
+                raise ValueError(f"index_dtype='int16' cannot address the {in_f} columns of {name!r}")
         if not self.peft_config:  # first adapter: freeze the base model
             for p in self.model.parameters():
                 p.requires_grad_(False)
+        shared = _shared_weight_ids(self.model)
         for name, module in zip(names, layers):
-            if isinstance(module, RosaLinear):
+            if isinstance(module, RosaLayer):
                 module.update_layer(adapter_name, config)
             else:
-                _set_submodule(self.model, name, RosaLinear(module, adapter_name, config, module_name=name))
+                tied = id(getattr(module, "weight", None)) in shared
+                _set_submodule(self.model, name, _layer_for(module, adapter_name, config, name, tied))
+        if config.modules_to_save:
+            wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
-        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+        active = [a for a in self._active if a in self.peft_config] or [adapter_name]
+        self.set_adapter(active if len(active) > 1 else active[0])
 
-    def rosa_layers(self) -> Iterator[tuple[str, RosaLinear]]:
+    def rosa_layers(self) -> Iterator[tuple[str, RosaLayer]]:
         for name, module in self.model.named_modules():
-            if isinstance(module, RosaLinear):
+            if isinstance(module, RosaLayer):
                 yield name, module
 
     # ---- pass-through ----------------------------------------------------------------------------------
@@ -74,18 +171,50 @@ class RosaModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "model":
+            if name in ("model", "peft_config", "_active") or name.startswith("__"):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
+    @property
+    def base_model(self) -> "RosaModel":
+        """PEFT's ``PeftModel.base_model`` is the tuner holding ``.model``; here that is this object."""
+        return self
 
     def get_base_model(self) -> nn.Module:
         return self.model
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names):
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str):
+            raise ValueError("adapter_names must be a list with one adapter name per sample, not a string")
+        unknown = sorted({a for a in adapter_names if a != BASE_ONLY and a not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names names unknown adapter(s): {', '.join(unknown)}; "
+                             f"have {sorted(self.peft_config)} (and {BASE_ONLY!r} for none)")
+        if any(layer.merged_adapters for _, layer in self.rosa_layers()):
+            raise ValueError("cannot pass adapter_names while adapters are merged; call unmerge_adapter() first")
+        layers = [layer for _, layer in self.rosa_layers()]
+        wrappers = list(modules_to_save_wrappers(self.model).values())
+        try:
+            for module in layers + wrappers:
+                module._batch_adapter_names = list(adapter_names)
+            yield
+        finally:
+            for module in layers + wrappers:
+                module._batch_adapter_names = None
+            for layer in layers:
+                layer._sync_base()
+
+    def forward(self, *args, adapter_names: Optional[list] = None, **kwargs):
+        with self._mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Optional[list] = None, **kwargs):
+        with self._mixed_batch(adapter_names):
+            return self.model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs):
         kw = {"use_reentrant": False}
@@ -97,50 +226,98 @@ class RosaModel(nn.Module):
         if kw.get("use_reentrant") and hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()
 
-    # ---- adapters ----------------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, config: RosaConfig) -> None:
-        self._inject(adapter_name, config)
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the adapter files only (what ``save_pretrained`` writes), never the base model."""
+        return hub.push_adapter_to_hub(self.save_pretrained, repo_id, **kwargs)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"unknown adapter {adapter_name!r}; have {sorted(self.peft_config)}")
-        self.active_adapter = adapter_name
-        trainable = not self.peft_config[adapter_name].inference_mode
+    # ---- adapters ----------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: RosaConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new adapter (not made active, as in PEFT). ``low_cpu_mem_usage`` is accepted; the
+        adapter is small next to the base and is created directly on the base's device."""
+        self._inject(adapter_name, peft_config)
+
+    @property
+    def active_adapter(self) -> Union[str, list]:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_peft_config(self) -> RosaConfig:
+        return self.peft_config[self._active[0]]
+
+    def set_adapter(self, adapter_name: Union[str, list], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several at once (their deltas add up). Active adapters are trainable
+        unless their config says ``inference_mode`` (or ``inference_mode=True`` is passed)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise ValueError("set_adapter needs at least one adapter name")
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"unknown adapter {name!r}; have {sorted(self.peft_config)}")
+        trainable = not inference_mode and not any(self.peft_config[n].inference_mode for n in names)
+        self._active = names
         for _, layer in self.rosa_layers():
-            layer.set_adapter(adapter_name, trainable=trainable)
+            layer.set_adapter([n for n in names if n in layer.rosa_spa] or names, trainable=trainable)
+        for wrapper in modules_to_save_wrappers(self.model).values():
+            wrapper.set_adapter(names, trainable=trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter; a merged one is unmerged first, so nothing of it stays in the base."""
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; have {sorted(self.peft_config)}")
         for _, layer in self.rosa_layers():
             layer.delete_adapter(adapter_name)
+        for wrapper in modules_to_save_wrappers(self.model).values():
+            wrapper.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
-        if self.active_adapter == adapter_name and self.peft_config:
-            self.set_adapter(next(iter(self.peft_config)))
+        rest = [a for a in self._active if a != adapter_name]
+        if not rest and self.peft_config:
+            rest = [next(iter(self.peft_config))]
+        self._active = rest
+        if rest:
+            self.set_adapter(rest if len(rest) > 1 else rest[0])
 
-    @property
-    def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
+    def _set_enabled(self, enabled: bool) -> None:
+        for _, layer in self.rosa_layers():
+            layer.enable_adapters(enabled)
+            layer._sync_base()
+        for wrapper in modules_to_save_wrappers(self.model).values():
+            wrapper.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_enabled(True)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone until :meth:`enable_adapter_layers` (merged adapters get unmerged)."""
+        for _, layer in self.rosa_layers():
+            layer.unmerge()
+        self._set_enabled(False)
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the base model: in the ``merged`` implementation W0 is restored in place meanwhile."""
+        """Run the base model inside the block; adapters come back afterwards, also on an exception.
+        As in PEFT, a merged adapter is unmerged (and stays unmerged) when disabled."""
         layers = [layer for _, layer in self.rosa_layers()]
         previous = [layer.disable_adapters for layer in layers]
+        wrappers = list(modules_to_save_wrappers(self.model).values())
+        wrapper_prev = [w.disable_adapters for w in wrappers]
         try:
-            for layer in layers:
-                layer.disable_adapters = True
-                layer._sync_base()
+            self.disable_adapter_layers()
             yield
         finally:
             for layer, prev in zip(layers, previous):
-                layer.disable_adapters = prev
+                layer.enable_adapters(not prev)
                 layer._sync_base()
+            for wrapper, prev in zip(wrappers, wrapper_prev):
+                wrapper.enable_adapters(not prev)
 
     # ---- masks -----------------------------------------------------------------------------------------
     def set_masks(self, masks: dict[str, torch.Tensor], adapter_name: Optional[str] = None) -> None:
         """Install sparse masks: {module name: bool tensor of the weight's shape}. Validated before any change."""
-        name = adapter_name or self.active_adapter
+        name = adapter_name or self._active[0]
         layers = dict(self.rosa_layers())
         unknown = sorted(set(masks) - set(layers))
         if unknown:
@@ -150,24 +327,36 @@ class RosaModel(nn.Module):
             shape = (layers[key].out_features, layers[key].in_features)
             if tuple(mask.shape) != shape:
                 raise ValueError(f"mask for {key!r} has shape {tuple(mask.shape)}, the weight is {shape}")
+            if name in layers[key].merged_adapters:
+                raise ValueError(f"adapter {name!r} is merged in {key!r}; call unmerge_adapter() first")
         for key, mask in masks.items():
             layers[key].set_mask(name, mask)
         self.set_adapter(self.active_adapter)
 
     def get_masks(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
-        name = adapter_name or self.active_adapter
+        name = adapter_name or self._active[0]
         return {k: layer.rosa_spa[name].to_mask() for k, layer in self.rosa_layers()
                 if name in layer.rosa_spa and layer.rosa_spa[name].has_mask}
 
     # ---- parameters ----------------------------------------------------------------------------------
+    def _adapter_param_ids(self) -> set[int]:
+        ids = set()
+        for _, layer in self.rosa_layers():
+            for layer_name in layer.adapter_layer_names:
+                ids.update(id(p) for p in getattr(layer, layer_name).parameters())
+        for wrapper in modules_to_save_wrappers(self.model).values():
+            ids.update(id(p) for p in wrapper.modules_to_save.parameters())
+        return ids
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for n, p in self.named_parameters() if ".rosa_spa." not in n and ".lora_" not in n)
+        adapter = self._adapter_param_ids()
+        total = sum(p.numel() for p in self.parameters() if id(p) not in adapter)
         return trainable, total + trainable
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        name = self.active_adapter
+        name = self._active[0]
         lora = sum(l.lora_A[name].weight.numel() + l.lora_B[name].weight.numel()
                    for _, l in self.rosa_layers() if name in l.lora_A)
         sparse_n = sum(l.rosa_spa[name].nnz for _, l in self.rosa_layers() if name in l.rosa_spa)
@@ -177,9 +366,56 @@ class RosaModel(nn.Module):
         print(f"trainable params: {trainable:,} (lora {lora:,} + sparse {sparse_n:,}) || all params: {total:,} "
               f"|| trainable%: {100 * trainable / max(1, total):.4f}{pending}")
 
+    # ---- status --------------------------------------------------------------------------------------
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        out = []
+        for name, layer in self.rosa_layers():
+            grads = {}
+            for adapter in layer.rosa_spa:
+                flags = {p.requires_grad for ln in layer.adapter_layer_names
+                         for key, mod in getattr(layer, ln).items() if key == adapter for p in mod.parameters()}
+                grads[adapter] = flags.pop() if len(flags) == 1 else ("irregular" if flags else False)
+            devices = {adapter: sorted({p.device.type for ln in layer.adapter_layer_names
+                                        for key, mod in getattr(layer, ln).items() if key == adapter
+                                        for p in mod.parameters()}) for adapter in layer.rosa_spa}
+            out.append(TunerLayerStatus(
+                name=name, module_type=f"rosa.{type(layer).__name__}", enabled=not layer.disable_adapters,
+                active_adapters=layer.active_adapters, merged_adapters=list(layer.merged_adapters),
+                requires_grad=grads, available_adapters=sorted(layer.rosa_spa), devices=devices))
+        return out
+
+    def get_model_status(self) -> TunerModelStatus:
+        layers = self.get_layer_status()
+        trainable, total = self.get_nb_trainable_parameters()
+
+        def agree(values):
+            values = [tuple(v) if isinstance(v, list) else v for v in values]
+            if not values:
+                return []
+            first = values[0]
+            if all(v == first for v in values):
+                return list(first) if isinstance(first, tuple) else first
+            return "irregular"
+
+        grads: dict = {}
+        for st in layers:
+            for adapter, flag in st.requires_grad.items():
+                grads[adapter] = flag if grads.get(adapter, flag) == flag else "irregular"
+        devices: dict = {}
+        for st in layers:
+            for adapter, devs in st.devices.items():
+                devices[adapter] = sorted(set(devices.get(adapter, [])) | set(devs))
+        return TunerModelStatus(
+            base_model_type=type(self.model).__name__, adapter_model_type=type(self).__name__,
+            peft_types={k: c.peft_type for k, c in self.peft_config.items()},
+            trainable_params=trainable, total_params=total, num_adapter_layers=len(layers),
+            enabled=agree([st.enabled for st in layers]), active_adapters=agree([st.active_adapters for st in layers]),
+            merged_adapters=agree([st.merged_adapters for st in layers]), requires_grad=grads,
+            available_adapters=sorted(self.peft_config), devices=devices)
+
     # ---- state ---------------------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
-        name = adapter_name or self.active_adapter
+        name = adapter_name or self._active[0]
         out = {}
         for key, layer in self.rosa_layers():
             if name not in layer.rosa_spa:
@@ -192,30 +428,54 @@ class RosaModel(nn.Module):
                 out[f"{key}.rosa_spa.values"] = sp.values.detach()
                 out[f"{key}.rosa_spa.row_offsets"] = sp.row_offsets
                 out[f"{key}.rosa_spa.col_indices"] = sp.col_indices
+        out.update(modules_to_save_state_dict(self.model, name))
         return out
 
-    def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None, **_) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (a sub-folder per extra adapter)."""
-        for name in selected_adapters or list(self.peft_config):
-            target = save_directory if name == "default" or len(self.peft_config) == 1 and not selected_adapters \
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers: Union[str, bool] = "auto",
+                        is_main_process: bool = True, **kwargs) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` + ``README.md`` (a sub-folder per
+        extra adapter, as PEFT). Only safetensors are written: ``safe_serialization=False`` is refused."""
+        _reject("save_pretrained", kwargs)
+        if safe_serialization is not True:
+            raise ValueError("save_pretrained: safe_serialization=False is not supported; rosa-peft writes "
+                             "safetensors only (never pickle)")
+        if save_embedding_layers not in ("auto", False):
+            raise ValueError(f"save_pretrained: save_embedding_layers={save_embedding_layers!r} is not supported; "
+                             "target the embedding layer or list it in modules_to_save to save it")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"save_pretrained: selected_adapters names unknown adapter(s) {unknown}; "
+                             f"have {sorted(self.peft_config)}")
+        if not is_main_process:
+            return
+        for name in names:
+            target = save_directory if name == "default" or (len(names) == 1 and selected_adapters is None) \
                 else os.path.join(save_directory, name)
             os.makedirs(target, exist_ok=True)
             atomic_save_safetensors(self.adapter_state_dict(name), os.path.join(target, WEIGHTS_NAME),
                                     metadata={"format": "pt", "rosa_peft": "1"})
-            self.peft_config[name].save_pretrained(target)
+            config = self.peft_config[name]
+            config.save_pretrained(target)
+            modelcard.write_model_card(target, base_model=config.base_model_name_or_path, adapter_names=[name],
+                                       configs={name: config.to_dict()})
 
-    def load_adapter(self, adapter_dir: str, adapter_name: str = "default", is_trainable: bool = False) -> None:
-        """Add an adapter saved by ``save_pretrained`` under ``adapter_name``."""
-        config = RosaConfig.from_pretrained(adapter_dir)
-        config.inference_mode = not is_trainable
-        state = _read_adapter_file(adapter_dir)
+    def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
+                     low_cpu_mem_usage: bool = False, config: Optional[RosaConfig] = None, **kwargs) -> None:
+        """Add an adapter saved by ``save_pretrained`` (a local folder or a Hub id) under ``adapter_name``."""
+        adapter_dir = _resolve(model_id, kwargs, "load_adapter")
+        config = _load_config(adapter_dir, config, is_trainable, autocast_adapter_dtype)
+        state = _read_adapter_file(adapter_dir, torch_device)
         _check_state_fits(self.model, config, state, adapter_dir)
         self._inject(adapter_name, config)
         self._load_state(state, adapter_name)
+        self.set_adapter(self.active_adapter)
 
     def load_adapter_weights(self, adapter_dir: str, adapter_name: Optional[str] = None) -> None:
         """Overwrite an existing adapter's A, B, masks and sparse values from a saved directory."""
-        name = adapter_name or self.active_adapter
+        name = adapter_name or self._active[0]
         state = _read_adapter_file(adapter_dir)
         _check_state_fits(self.model, self.peft_config[name], state, adapter_dir)
         self._load_state(state, name)
@@ -231,66 +491,172 @@ class RosaModel(nn.Module):
                 if f"{key}.rosa_spa.values" in state:
                     layer.load_sparse(adapter_name, state[f"{key}.rosa_spa.row_offsets"],
                                       state[f"{key}.rosa_spa.col_indices"], state[f"{key}.rosa_spa.values"])
+            saved = {k: v for k, v in state.items() if _SAVE_PART in k}
+            if saved:
+                load_modules_to_save_state(self.model, saved, adapter_name)
         self.set_adapter(self.active_adapter)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, adapter_dir: str, adapter_name: str = "default",
-                        is_trainable: bool = False, **_) -> "RosaModel":
-        config = RosaConfig.from_pretrained(adapter_dir)
-        state = _read_adapter_file(adapter_dir)
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[RosaConfig] = None,
+                        autocast_adapter_dtype: bool = True, torch_device: Optional[str] = None,
+                        low_cpu_mem_usage: bool = False, **kwargs) -> "RosaModel":
+        """PEFT's ``PeftModel.from_pretrained``: wrap ``model`` and load the adapter from a folder or Hub id.
+        ``config`` replaces the saved adapter_config.json; Hub keywords (``subfolder``, ``revision``,
+        ``token``, ``cache_dir``, ``local_files_only``, ``force_download``) locate the files."""
+        adapter_dir = _resolve(model_id, kwargs, "from_pretrained")
+        config = _load_config(adapter_dir, config, is_trainable, autocast_adapter_dtype)
+        state = _read_adapter_file(adapter_dir, torch_device)
         _check_state_fits(model, config, state, adapter_dir)
-        config.inference_mode = not is_trainable
         self = cls(model, config, adapter_name)
-        self.peft_config.pop(adapter_name)
-        for _, layer in self.rosa_layers():
-            layer.delete_adapter(adapter_name)
-        self.load_adapter(adapter_dir, adapter_name, is_trainable)
+        self._load_state(state, adapter_name)
         if not is_trainable:
             self.eval()
         return self
 
     # ---- merge / unload --------------------------------------------------------------------------------
-    def merge_adapter(self, safe_merge: bool = False) -> None:
+    def _check_adapter_names(self, adapter_names) -> Optional[list]:
+        if adapter_names is None:
+            return None
+        if isinstance(adapter_names, str):
+            raise ValueError(f"adapter_names must be a list of names, got the string {adapter_names!r}")
+        unknown = [n for n in adapter_names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; have {sorted(self.peft_config)}")
+        return list(adapter_names)
+
+    def merge_adapter(self, adapter_names: Optional[list] = None, safe_merge: bool = False) -> None:
+        """Merge the given (default: active) adapters into the base weights; warns when some already are."""
+        if isinstance(adapter_names, bool):  # the old positional form merge_adapter(safe_merge)
+            adapter_names, safe_merge = None, adapter_names
+        names = self._check_adapter_names(adapter_names)
         for _, layer in self.rosa_layers():
-            layer.merge(self.active_adapter, safe_merge=safe_merge)
+            layer.merge(safe_merge=safe_merge, adapter_names=names)
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.rosa_layers():
             layer.unmerge()
 
-    def _unwrap(self, merge: bool, safe_merge: bool = False) -> nn.Module:
+    def _unwrap(self, merge: bool, safe_merge: bool = False, adapter_names=None, progressbar: bool = False) -> nn.Module:
+        names = self._check_adapter_names(adapter_names)
+        layers = list(self.rosa_layers())
         replacements = {}
-        for key, layer in list(self.rosa_layers()):
-            layer.unmerge()
-            if merge and self.active_adapter in layer.rosa_spa:
-                new_w = layer.merged_weight(self.active_adapter)
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            layers = tqdm(layers, desc="Unloading " + ("and merging " if merge else "") + "model")
+        for key, layer in layers:
+            layer._restore_base()
+            if merge and layer.kind.supports_merged:
+                layer.merge(safe_merge=safe_merge, adapter_names=names)
+                replacements[key] = layer.base_layer
+            elif merge:
+                new_w = layer.merged_weight(names)
                 if safe_merge and not torch.isfinite(new_w).all():
                     raise ValueError(f"{key}: NaN/inf in the merged weight")
-                replacements[key] = (layer, new_w)
+                replacements[key] = _dense_linear_with(layer.base_layer, layer, new_w)
             else:
-                replacements[key] = (layer, None)
-        for key, (layer, new_w) in replacements.items():
-            layer._restore_base()
-            base = layer.base_layer
-            if new_w is not None:
-                base = _dense_linear_with(base, layer, new_w)
+                replacements[key] = layer.base_layer
+        for key, base in replacements.items():
             _set_submodule(self.model, key, base)
+        keep = None
+        if merge:
+            keep = (names or self._active)[0] if (names or self._active) else None
+        unwrap_modules_to_save(self.model, keep)
         return self.model
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        """Fold W0 + S + s·B·A into plain Linear weights and return the bare model."""
-        return self._unwrap(merge=True, safe_merge=safe_merge)
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list] = None) -> nn.Module:
+        """Fold W0 + S + s·B·A of the given (default: active) adapters into plain weights; return the bare model."""
+        return self._unwrap(merge=True, safe_merge=safe_merge, adapter_names=adapter_names, progressbar=progressbar)
 
     def unload(self) -> nn.Module:
-        """Remove the adapters and return the bare model with W0 restored bit for bit."""
+        """Remove the adapters and return the bare model (without merging, as PEFT's ``unload``)."""
         return self._unwrap(merge=False)
 
-
-def _dense_linear_with(base: nn.Module, layer: RosaLinear, weight_fp32: torch.Tensor) -> nn.Module:
-    if layer.kind.supports_merged:
+    # ---- weighted combination ----------------------------------------------------------------------------
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "cat", **kwargs) -> None:
+        """A new adapter whose delta is Σ wᵢ·(sᵢ·Bᵢ·Aᵢ + Sᵢ): LoRA factors concatenated along the rank
+        (``combination_type="cat"``, exact), sparse parts summed over the union of the masks."""
+        _reject("add_weighted_adapter", kwargs)
+        if combination_type != "cat":
+            raise ValueError(f"add_weighted_adapter: combination_type={combination_type!r} is not supported; "
+                             "only 'cat' (exact) is")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        if not adapters or len(adapters) != len(weights):
+            raise ValueError("add_weighted_adapter needs one weight per adapter")
+        self._check_adapter_names(adapters)
+        configs = [self.peft_config[a] for a in adapters]
+        if len({c.impl for c in configs}) > 1 or len({c.adapter_dtype for c in configs}) > 1:
+            raise ValueError("add_weighted_adapter: the adapters differ in impl or adapter_dtype")
+        if any(c.modules_to_save for c in configs):
+            raise ValueError("add_weighted_adapter: adapters with modules_to_save cannot be combined")
+        layers = [(k, l) for k, l in self.rosa_layers() if any(a in l.rosa_spa for a in adapters)]
+        ranks = {k: sum(l.r.get(a, 0) for a in adapters) for k, l in layers}
+        base = configs[0]
+        total = sum(l.out_features * l.in_features for _, l in layers)
+        nnz = sum(int(self._union_mask(l, adapters).sum()) for _, l in layers)
+        new = dataclasses.replace(
+            base, r=max(ranks.values()), lora_alpha=max(ranks.values()) or 1, use_rslora=False,
+            target_modules=[k for k, _ in layers], exclude_modules=None, layers_to_transform=None,
+            layers_pattern=None, rank_pattern={rf"{re.escape(k)}": v for k, v in ranks.items()},
+            density=min(nnz / max(1, total), 0.999), density_pattern={}, init_lora_weights=True)
+        self._inject(adapter_name, new)
         with torch.no_grad():
-            base.weight.copy_(weight_fp32.to(base.weight.dtype))
-        return base
+            for key, layer in layers:
+                if layer.r[adapter_name]:
+                    As, Bs = [], []
+                    for a, w in zip(adapters, weights):
+                        if layer.r.get(a, 0):
+                            As.append(layer.lora_A[a].weight.float())
+                            Bs.append(layer.lora_B[a].weight.float() * (w * layer.scaling[a]))
+                    s_new = layer.scaling[adapter_name]
+                    layer.lora_A[adapter_name].weight.copy_(torch.cat(As, 0))
+                    layer.lora_B[adapter_name].weight.copy_(torch.cat(Bs, 1) / s_new)
+                mask = self._union_mask(layer, adapters)
+                if mask.any():
+                    dense = torch.zeros(mask.numel(), dtype=torch.float32, device=mask.device)
+                    for a, w in zip(adapters, weights):
+                        if a in layer.rosa_spa and layer.rosa_spa[a].has_mask:
+                            sp = layer.rosa_spa[a]
+                            dense.index_add_(0, sp.flat_indices(), sp.values.detach().float() * w)
+                    layer.set_mask(adapter_name, mask)
+                    sp_new = layer.rosa_spa[adapter_name]
+                    sp_new.values.copy_(dense[sp_new.flat_indices()].to(sp_new.values.dtype))
+        self.set_adapter(self.active_adapter)
+
+    @staticmethod
+    def _union_mask(layer: RosaLayer, adapters: list[str]) -> torch.Tensor:
+        mask = torch.zeros(layer.out_features, layer.in_features, dtype=torch.bool, device=layer._device())
+        for a in adapters:
+            if a in layer.rosa_spa and layer.rosa_spa[a].has_mask:
+                mask |= layer.rosa_spa[a].to_mask().to(mask.device)
+        return mask
+
+
+# ---- functional state dicts (PEFT's get_peft_model_state_dict / set_peft_model_state_dict) -----------------
+def get_rosa_model_state_dict(model: RosaModel, state_dict: Optional[dict] = None,
+                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors with the keys of ``adapter_model.safetensors`` (no adapter name in them)."""
+    if state_dict is not None:
+        raise ValueError("get_rosa_model_state_dict: state_dict= is not supported; the adapter's tensors are "
+                         "read from the model")
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"unknown adapter {adapter_name!r}; have {sorted(model.peft_config)}")
+    return model.adapter_state_dict(adapter_name)
+
+
+def set_rosa_model_state_dict(model: RosaModel, state_dict: dict, adapter_name: str = "default") -> None:
+    """Load tensors in :func:`get_rosa_model_state_dict`'s layout into an existing adapter (checked first)."""
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"unknown adapter {adapter_name!r}; have {sorted(model.peft_config)}")
+    _check_state_fits(model.model, model.peft_config[adapter_name], state_dict, "state_dict")
+    model._load_state(state_dict, adapter_name)
+
+
+def _dense_linear_with(base: nn.Module, layer: RosaLayer, weight_fp32: torch.Tensor) -> nn.Module:
     # quantized base: hand back a plain float Linear holding the de-quantised merged weight
     dtype = layer.kind.compute_dtype(base)
     new = nn.Linear(layer.in_features, layer.out_features, bias=getattr(base, "bias", None) is not None,
@@ -302,28 +668,58 @@ def _dense_linear_with(base: nn.Module, layer: RosaLinear, weight_fp32: torch.Te
     return new
 
 
-def _read_adapter_file(adapter_dir: str) -> dict[str, torch.Tensor]:
+_HUB_KEYS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download")
+
+
+def _resolve(model_id: str, kwargs: dict, verb: str) -> str:
+    hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KEYS if k in kwargs}
+    # PEFT keywords whose default is the only behaviour here: accepted at that value, refused otherwise
+    for key, default in (("ephemeral_gpu_offload", False), ("key_mapping", None)):
+        if key in kwargs and kwargs[key] == default:
+            del kwargs[key]
+    _reject(verb, kwargs)
+    return hub.resolve_adapter_dir(model_id, **hub_kwargs)
+
+
+def _load_config(adapter_dir: str, config: Optional[RosaConfig], is_trainable: bool,
+                 autocast_adapter_dtype: bool) -> RosaConfig:
+    if config is None:
+        config = RosaConfig.from_pretrained(adapter_dir)
+    elif not isinstance(config, RosaConfig):
+        raise TypeError(f"config must be a RosaConfig, got {type(config).__name__}")
+    else:
+        config = dataclasses.replace(config)
+    config.inference_mode = not is_trainable
+    if not autocast_adapter_dtype:
+        config.adapter_dtype = None  # keep the base weight's dtype for A, B and S
+    return config
+
+
+def _read_adapter_file(adapter_dir: str, device: Optional[str] = None) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = os.path.join(adapter_dir, WEIGHTS_NAME)
     for required in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(adapter_dir, required)):
             raise FileNotFoundError(f"adapter directory {adapter_dir!r} has no {required}")
-    return load_file(path)
+    return load_file(path, device=str(device) if device is not None else "cpu")
 
 
 def _check_state_fits(model: nn.Module, config: RosaConfig, state: dict, adapter_dir: str) -> None:
     """Every tensor in the file must belong to a target module of the right shape (nothing changes otherwise)."""
-    names = set(find_targets(model, config.target_modules, config.exclude_modules))
+    names = set(find_targets_for(model, config))
     for key, tensor in state.items():
+        if _SAVE_PART in key:
+            continue  # modules_to_save tensors: checked by load_modules_to_save_state before it changes anything
         part = next((p for p in _PARTS if key.endswith("." + p)), None)
         module_name = key[: -len(part) - 1] if part else None
         if part is None or module_name not in names:
             raise ValueError(f"{adapter_dir}: tensor {key!r} does not fit the base model (no such target module)")
         module = model.get_submodule(module_name)
-        in_f, out_f = module.in_features, module.out_features
+        out_f, in_f = _module_shape(module)
+        a_in, b_out = (out_f, in_f) if isinstance(module, (nn.Embedding, RosaEmbedding)) else (in_f, out_f)
         r = config.rank_for(module_name)
-        expected = {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r), "rosa_spa.row_offsets": (out_f + 1,)}.get(part)
+        expected = {"lora_A.weight": (r, a_in), "lora_B.weight": (b_out, r), "rosa_spa.row_offsets": (out_f + 1,)}.get(part)
         if expected is not None and tuple(tensor.shape) != expected:
             raise ValueError(f"{adapter_dir}: {key!r} has shape {tuple(tensor.shape)}, the base model needs {expected}")
         if part == "rosa_spa.col_indices" and tensor.numel() and int(tensor.max()) >= in_f:
@@ -333,8 +729,10 @@ def _check_state_fits(model: nn.Module, config: RosaConfig, state: dict, adapter
             raise ValueError(f"{adapter_dir}: no LoRA weights for target module {module_name!r}")
 
 
-def get_rosa_model(model: nn.Module, config: RosaConfig, adapter_name: str = "default") -> RosaModel:
+def get_rosa_model(model: nn.Module, config: RosaConfig, adapter_name: str = "default",
+                   low_cpu_mem_usage: bool = False, **kwargs) -> RosaModel:
     """Freeze ``model`` and inject RoSA adapters per ``config`` (PEFT's ``get_peft_model``)."""
+    _reject("get_rosa_model", kwargs)
     if not isinstance(config, RosaConfig):
         raise TypeError(f"config must be a RosaConfig, got {type(config).__name__}")
     return RosaModel(model, config, adapter_name)

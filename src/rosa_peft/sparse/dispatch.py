@@ -118,12 +118,17 @@ register("spmm", Backend("torch", ops.spmm, _ALWAYS, "torch CSR matmul"))
 
 
 def add_into(dense: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
-    """dense[mask] += values (in place, in dense's dtype); returns dense."""
+    """dense[mask] += values (in place, in dense's dtype); returns dense. ``dense`` may be a strided view
+    (e.g. the transposed weight of a GPT-2 ``Conv1D``): then the positions are written by (row, col)."""
+    if not dense.is_contiguous():
+        return ops.add_into_strided(dense, sp, values)
     return choose("add_into", dense.device.type, dense.dtype, sp).fn(dense, sp, values)
 
 
 def write_into(dense: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
-    """dense[mask] = values (in place); returns dense."""
+    """dense[mask] = values (in place); returns dense. Strided views as in :func:`add_into`."""
+    if not dense.is_contiguous():
+        return ops.write_into_strided(dense, sp, values)
     return choose("write_into", dense.device.type, dense.dtype, sp).fn(dense, sp, values)
 
 

@@ -90,8 +90,28 @@ def write_into(dense: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> 
     return dense
 
 
+def _coords(sp: SparseAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+    return sp.row_indices(), sp.col_indices.to(torch.int64)
+
+
+def add_into_strided(dense: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
+    """:func:`add_into` for a non-contiguous ``dense`` (indexing by (row, col) instead of flat positions)."""
+    if sp.nnz:
+        dense.index_put_(_coords(sp), values.to(dense.dtype), accumulate=True)
+    return dense
+
+
+def write_into_strided(dense: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
+    """:func:`write_into` for a non-contiguous ``dense``."""
+    if sp.nnz:
+        dense.index_put_(_coords(sp), values.to(dense.dtype))
+    return dense
+
+
 def gather_from(dense: torch.Tensor, sp: SparseAdapter) -> torch.Tensor:
-    """dense[mask] as a flat (nnz,) tensor."""
+    """dense[mask] as a flat (nnz,) tensor (any strides)."""
+    if not dense.is_contiguous():
+        return dense[_coords(sp)]
     return dense.reshape(-1).index_select(0, sp.flat_indices())
 
 

@@ -135,9 +135,25 @@ class SparseAdapter(nn.Module):
         self.values = nn.Parameter(data, requires_grad=self.values.requires_grad)
         self._cache = {}
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """``load_state_dict`` of a different mask (another nnz) installs that structure instead of failing
+        on the size mismatch; the values become a new Parameter (as with :meth:`set_mask`)."""
+        keys = [prefix + k for k in ("values", "row_offsets", "col_indices")]
+        if all(k in state_dict for k in keys):
+            values, row_offsets, col_indices = (state_dict[k] for k in keys)
+            if values.shape != self.values.shape or col_indices.shape != self.col_indices.shape:
+                with torch.no_grad():
+                    self.set_csr(row_offsets, col_indices, values.to(self.values.dtype))
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     # ---- derived index views (cached per device) ---------------------------------------------------
     def _cached(self, key: str, fn):
-        full_key = (key, self.row_offsets.device, self.row_offsets.data_ptr(), self.col_indices.data_ptr())
+        # versions too: load_state_dict copies a new structure into the same buffers in place
+        full_key = (key, self.row_offsets.device, self.row_offsets.data_ptr(), self.col_indices.data_ptr(),
+                    self.row_offsets._version, self.col_indices._version)
         hit = self._cache.get(full_key)
         if hit is None:
             self._cache = {k: v for k, v in self._cache.items() if k[2:] == full_key[2:]}

@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..layer import RosaLayer
+
 MODES = ("rosa", "lora_only", "spa_only", "masks_file")
 
 
@@ -52,11 +54,9 @@ class ScheduleConfig:
 
 def init_adapter_weights(model: nn.Module, seed: int) -> None:
     """Fresh LoRA init of every RoSA layer from ``seed`` (deterministic, independent of global RNG)."""
-    from ..layer import RosaLinear
-
     gen = torch.Generator().manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, RosaLinear):
+        if isinstance(module, RosaLayer):
             for name in module.lora_A:
                 a = module.lora_A[name].weight
                 g = gen if a.device.type == "cpu" else torch.Generator(a.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
