@@ -411,7 +411,7 @@ class RosaLayer(nn.Module):
     # ---- keeping the base weight in step with S (merged implementation) ------------------------------
     def _weight_data(self) -> torch.Tensor:
         """The (out, in) view of the base weight's ``.data`` (writes through it bump no version)."""
-        return self.kind.weight(self.base_layer).data if self.kind is not CONV1D else self.base_layer.weight.data.t()
+        return self.kind.weight(self.base_layer).data
 
     def _wanted_in_base(self) -> Optional[str]:
         if self._disable_adapters or self.merged_adapters or self._batch_adapter_names is not None:
