@@ -57,3 +57,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def run_rosa(*argv):
+    """``rosa ARGV`` in-process: (exit status, stdout, stderr); argparse exits become statuses."""
+    import contextlib
+    import io
+
+    from rosa_peft.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as exc:
+            rc = exc.code
+    return rc, out.getvalue(), err.getvalue()

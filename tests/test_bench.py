@@ -80,7 +80,7 @@ def test_budget_rejects_bad_ranks():
     shapes = _shapes(PRESETS["tiny"])
     with pytest.raises(ValueError, match="--rosa-rank"):
         M.Budget.for_shapes(shapes, 8, 8)
-    with pytest.raises(ValueError, match="--lora-rank"):
+    with pytest.raises(ValueError, match="--budget-rank"):
         M.Budget.for_shapes(shapes, 0, 0)
 
 

@@ -39,7 +39,7 @@ def tiny_run(tmp_path_factory, smol_tokenizer):  # noqa: F811
 def test_eval_with_adapter_writes_report_into_run_dir(tiny_run, capsys):
     base, run = tiny_run
     status, err = rosa_eval("--model", base, "--adapter", run, "--task", "sql-synth", "--limit", 3,
-                            "--batch-size", 2, "--max-new-tokens", 4, "--no-progress")
+                            "--eval-batch-size", 2, "--max-new-tokens", 4, "--no-progress")
     assert (status, err) == (0, None)
     report = json.loads((run / "eval-sql-synth-test.json").read_text())
     assert report["format"] == "rosa-eval/1" and report["task"] == "sql-synth" and report["split"] == "test"
@@ -53,7 +53,7 @@ def test_eval_with_adapter_writes_report_into_run_dir(tiny_run, capsys):
 
     out = run.parent / "merged.json"
     status, _ = rosa_eval("--model", base, "--adapter", run, "--merge", "--task", "sql-synth", "--limit", 3,
-                          "--batch-size", 3, "--max-new-tokens", 4, "--no-progress", "--output", out)
+                          "--eval-batch-size", 3, "--max-new-tokens", 4, "--no-progress", "--output", out)
     merged = json.loads(out.read_text())
     assert status == 0 and merged["model"]["merged"] is True
     assert [e["generation"] for e in merged["examples"]] == [e["generation"] for e in report["examples"]]
@@ -65,11 +65,14 @@ def _listing(path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--task", "nope"], "unknown task 'nope'"),
-    (["--task", "jsonl"], "no evaluation protocol"),
+    (["--task", "jsonl"], "--task jsonl needs --data PATH"),
+    (["--task", "viggo", "--data", "x.jsonl"], "--data is for --task jsonl"),
+    (["--task", "jsonl", "--data", "missing.jsonl"], "file not found: missing.jsonl"),
+    (["--task", "sql-synth", "--max-seq-len", "1"], "--max-seq-len must be an integer >= 2"),
     (["--task", "sql-synth", "--split", "validation"], "has no split 'validation'; available splits: train, test"),
     (["--task", "viggo", "--data-dir", "/nonexistent/data"], "data dir /nonexistent/data does not exist"),
     (["--task", "sql-synth", "--limit", "0"], "--limit must be a positive integer"),
-    (["--task", "sql-synth", "--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--task", "sql-synth", "--eval-batch-size", "0"], "--eval-batch-size must be a positive integer"),
     (["--limit", "3"], "--task is required"),
     (["--compare"], None),
 ])

@@ -111,8 +111,11 @@ def test_sql_paper_prompt_quirk_is_opt_in():
 
 
 def test_get_protocol_rejects_unknown_task_and_bad_bounds():
-    with pytest.raises(ValueError, match="task 'jsonl' has no evaluation protocol"):
-        get_protocol("jsonl")
+    with pytest.raises(ValueError, match="task 'nope' has no evaluation protocol"):
+        get_protocol("nope")
+    for bad in (float("nan"), float("inf"), 0, -1.0):
+        with pytest.raises(ValueError, match="sql_timeout"):
+            get_protocol("sql", sql_timeout_s=bad)
     with pytest.raises(ValueError, match="max_new_tokens"):
         get_protocol("viggo", max_new_tokens=0)
     assert get_protocol("sql-synth", max_new_tokens=5, stop=["\n\n"]).max_new_tokens == 5

@@ -413,3 +413,110 @@ def test_collector_on_conv1d_and_embedding_equals_autograd_weight_grads():
     assert masks["transformer.wte"].shape == (64, 16) and masks["transformer.h.0.attn.c_attn"].shape == (48, 16)
     model.set_masks(masks)
     assert model.rosa_layers() and all(l.rosa_spa["default"].nnz > 0 for _, l in model.rosa_layers())
+
+
+# ---- compact (CSR) masks files -------------------------------------------------------------------------
+def _mixed_masks():
+    g = torch.Generator().manual_seed(3)
+    return {"z.wide": torch.rand(6, 40000, generator=g) < 0.001,  # > 32768 columns: int32 column indices
+            "a.proj": torch.rand(48, 80, generator=g) < 0.2,
+            "m.empty": torch.zeros(3, 5, dtype=torch.bool),
+            "b.full": torch.ones(2, 3, dtype=torch.bool)}
+
+
+def test_compact_round_trip_keeps_order_shapes_and_uses_indices(tmp_path):
+    from safetensors import safe_open
+
+    masks = _mixed_masks()
+    path = tmp_path / "masks.safetensors"
+    save_masks(masks, path)
+    loaded = load_masks(path)
+    assert list(loaded) == list(masks)  # the saved (model) order, not safetensors' sorted one
+    for n in masks:
+        assert loaded[n].dtype == torch.bool and torch.equal(loaded[n], masks[n]), n
+    with safe_open(str(path), framework="pt") as fh:
+        stored = {k: fh.get_tensor(k) for k in fh.keys()}
+    assert stored["a.proj.row_offsets"].dtype == torch.int32 and stored["a.proj.row_offsets"].shape == (49,)
+    assert stored["a.proj.col_indices"].dtype == torch.int16
+    assert stored["a.proj.col_indices"].numel() == int(masks["a.proj"].sum())
+    assert stored["z.wide.col_indices"].dtype == torch.int32
+    assert stored["m.empty.col_indices"].numel() == 0
+    assert all(t.dtype != torch.uint8 for t in stored.values())  # no dense tensor stored
+
+
+def test_masks_file_size_is_proportional_to_nnz(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    shape = (512, 1024)
+    sizes = {}
+    for d in (0.002, 0.01, 0.05):
+        m = torch.rand(shape, generator=g) < d
+        path = tmp_path / f"m{d}.safetensors"
+        save_masks({"layer": m}, path)
+        sizes[d] = (int(m.sum()), os.path.getsize(path))
+    (n1, s1), (n2, s2), (n3, s3) = sizes.values()
+    per_entry = (s3 - s1) / (n3 - n1)
+    assert 1.9 < per_entry < 2.1  # int16 column indices: two bytes per kept entry
+    assert abs((s2 - s1) - per_entry * (n2 - n1)) < 64
+    fixed = s1 - 2 * n1  # row offsets + header, independent of nnz
+    assert fixed < 4 * (shape[0] + 1) + 1024
+    assert s3 < shape[0] * shape[1] / 4  # the dense uint8 format would take 524,288 bytes
+
+
+@pytest.mark.parametrize("tagged", [True, False])
+def test_dense_uint8_files_of_earlier_versions_still_load(tmp_path, tagged):
+    import json
+
+    from safetensors.torch import save_file
+
+    masks = {n: m for n, m in _mixed_masks().items() if n != "z.wide"}
+    path = tmp_path / "old.safetensors"
+
+    def old_format(ms):  # what save_masks wrote before the compact format
+        meta = {"format": "pt", "rosa_peft_masks": "1", "order": json.dumps(list(ms))} if tagged else None
+        save_file({n: m.to(torch.uint8) for n, m in ms.items()}, str(path), metadata=meta)
+
+    old_format(masks)
+    loaded = load_masks(path)
+    assert sorted(loaded) == sorted(masks)
+    if tagged:
+        assert list(loaded) == list(masks)
+    assert all(torch.equal(loaded[n], masks[n]) for n in masks)
+    model = _rosa()  # an old file written for a model still installs
+    real = compute_masks(model, None, criterion="random", progress=False)
+    old_format(real)
+    model.set_masks(load_masks(path))
+    assert all(torch.equal(model.get_masks()[n], real[n]) for n in real)
+
+
+def test_damaged_compact_files_are_errors_naming_the_file(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    def write(name, tensors, shapes, order=None):
+        path = tmp_path / name
+        meta = {"format": "pt", "rosa_peft_masks": "2", "order": json.dumps(order or list(shapes)),
+                "shapes": json.dumps(shapes)}
+        save_file(tensors, str(path), metadata=meta)
+        return path
+
+    rows = torch.tensor([0, 1, 2], dtype=torch.int32)
+    cases = {
+        "colrange.safetensors": ({"w.row_offsets": rows, "w.col_indices": torch.tensor([0, 9], dtype=torch.int16)},
+                                 {"w": [2, 3]}, "out of range"),
+        "repeat.safetensors": ({"w.row_offsets": torch.tensor([0, 2, 2], dtype=torch.int32),
+                                "w.col_indices": torch.tensor([1, 1], dtype=torch.int16)}, {"w": [2, 3]}, "repeated"),
+        "rows.safetensors": ({"w.row_offsets": rows, "w.col_indices": torch.tensor([0], dtype=torch.int16)},
+                             {"w": [2, 3]}, "row offsets"),
+        "noshape.safetensors": ({"w.row_offsets": rows, "w.col_indices": torch.tensor([0, 1], dtype=torch.int16)},
+                                {"v": [2, 3]}, "shapes"),
+        "half.safetensors": ({"w.row_offsets": rows}, {"w": [2, 3]}, "col_indices"),
+    }
+    for name, (tensors, shapes, needle) in cases.items():
+        path = write(name, tensors, shapes, order=["w"])
+        with pytest.raises(ValueError, match=f"{name}.*{needle}"):
+            load_masks(path)
+    future = tmp_path / "future.safetensors"
+    save_file({"w": torch.zeros(1)}, str(future), metadata={"rosa_peft_masks": "9"})
+    with pytest.raises(ValueError, match="future.safetensors.*version '9'"):
+        load_masks(future)

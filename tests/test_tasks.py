@@ -211,6 +211,44 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
         get_task("jsonl", path=bad).load("test")
 
 
+def test_non_utf8_bytes_name_file_line_and_column(tmp_path):
+    good = json.dumps({"prompt": "p", "response": "r"}).encode()
+    bad_line = b'{"prompt": "caf\xe9", "response": "r"}'  # Latin-1, not UTF-8
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + good + b"\n" + bad_line + b"\n" + good + b"\n")
+    with pytest.raises(ValueError, match=r"latin1\.jsonl, line 3: not valid UTF-8 \(byte 0xe9 at column 16\)"):
+        get_task("jsonl", path=path).load()
+    # the same through a file task, which the CLI reports as one line
+    (tmp_path / "gsm8k").mkdir()
+    record = json.dumps({"question": "q", "answer": "a #### 1"}).encode()
+    (tmp_path / "gsm8k" / "train.jsonl").write_bytes(record + b"\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"train\.jsonl, line 2: not valid UTF-8 \(byte 0xff at column 1\)"):
+        get_task("gsm8k", data_dir=tmp_path).load()
+
+
+def test_limit_stops_reading_before_a_bad_line(tmp_path):
+    good = json.dumps({"prompt": "p", "response": "r"}).encode()
+    path = tmp_path / "tail.jsonl"
+    # the bad lines sit in the same read-ahead chunk as the records kept
+    path.write_bytes(good + b"\n\n" + good + b"\n" + b"\xff not utf-8\n" + b"{broken\n")
+    task = get_task("jsonl", path=path)
+    assert task.load(limit=2) == [Example("p", "r", {})] * 2
+    assert task.load(limit=0) == []
+    with pytest.raises(ValueError, match=r"tail\.jsonl, line 4: not valid UTF-8"):
+        task.load(limit=3)
+    (tmp_path / "gsm8k").mkdir()
+    record = json.dumps({"question": "q", "answer": "a #### 1"}).encode()
+    (tmp_path / "gsm8k" / "test.jsonl").write_bytes(record + b"\n\xc3(\n")
+    assert len(get_task("gsm8k", data_dir=tmp_path).load("test", limit=1)) == 1
+
+
+def test_utf8_bom_and_crlf_are_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "\u00e9", "response": "r"}).encode() + b"\r\n"
+                     + json.dumps({"prompt": "x", "response": "y"}, ensure_ascii=False).encode() + b"\r\n")
+    assert get_task("jsonl", path=path).load() == [Example("\u00e9", "r", {}), Example("x", "y", {})]
+
+
 # ---------------------------------------------------------------- built-in sql-synth
 
 def _execute(context: str, tables: dict, sql: str):

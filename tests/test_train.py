@@ -175,3 +175,40 @@ def test_metrics_writer(tmp_path):
     recs = read_metrics(str(tmp_path / "m.jsonl"))
     assert recs[0]["event"] == "phase" and recs[0]["phase"] == "warmup"
     assert os.path.getsize(tmp_path / "m.jsonl") > 0
+
+
+def test_no_deprecated_checkpointing_or_sparse_beta_warnings(tmp_path):
+    """TrainingArguments built as run_training builds them warn nothing about `gradient_checkpointing`, and
+    our CSR ops warn nothing about torch's sparse beta (run in a fresh process: torch warns only once)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import warnings
+        import torch
+        from transformers import TrainingArguments
+        from rosa_peft.sparse import SparseAdapter, ops
+        from rosa_peft.train.run import _checkpointing_args
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for on in (False, True):
+                args = TrainingArguments(output_dir={str(tmp_path)!r}, use_cpu=True, report_to=[],
+                                         **_checkpointing_args(on))
+                assert bool(getattr(args, "activation_checkpointing", args.gradient_checkpointing)) is on
+            sp = SparseAdapter(4, 6, torch.float32)
+            sp.set_mask(torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) < 0.5)
+            x, g = torch.randn(3, 6), torch.randn(3, 4)
+            y = ops.spmm(x, sp, torch.randn(sp.nnz))
+            s = ops.sddmm_sampled_addmm(g, x, sp)
+            assert torch.allclose(s, ops.sddmm_dense_gather(g, x, sp), atol=1e-5)
+        bad = [str(w.message)[:90] for w in caught
+               if "gradient_checkpointing" in str(w.message) or "Sparse" in str(w.message)]
+        assert not bad, bad
+        print("clean")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stderr[-3000:]
+    assert "Sparse CSR tensor support is in beta" not in proc.stderr
+    assert "gradient_checkpointing` is deprecated" not in proc.stderr

@@ -28,7 +28,7 @@ class _TransformersClass:
 
 
 def _is_default_model(name: str) -> bool:
-    return bool(name) and name in models._ALIASES
+    return bool(name) and models.is_default_model(name)
 
 
 class AutoRosaModel:

@@ -1,19 +1,23 @@
 """`rosa` console script: a thin dispatcher; each subcommand lives beside the code it drives.
 
 A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported
-only when their subcommand runs, so ``rosa --help`` stays fast and optional extras stay optional.
+only when their subcommand runs (or shows its --help), so ``rosa --help`` and ``rosa --version``
+import neither torch nor transformers.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 
+from . import __version__
+from .options import HelpFormatter
+
 SUBCOMMANDS = {
     "train": ("rosa_peft.train.command", "fine-tune a model with RoSA / LoRA / SpA / FFT"),
-    "eval": ("rosa_peft.eval.command", "evaluate a model or adapter on GSM8K / ViGGO / SQL; compare runs"),
+    "eval": ("rosa_peft.eval.command", "evaluate a model or adapter on GSM8K / ViGGO / SQL / a JSONL file; "
+                                       "compare runs"),
     "bench": ("rosa_peft.bench.command", "speed and memory benchmarks against PEFT LoRA"),
     "study": ("rosa_peft.study.command", "train and evaluate a grid of tasks x methods x budgets x seeds"),
     "demo": ("rosa_peft.demo", "fine-tune the embedded SmolLM2 with RoSA on the built-in task"),
@@ -24,23 +28,21 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, no traceback."""
 
 
-def _available() -> dict:
-    out = {}
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:  # its parent package is not installed either
-            found = False
-        if found:
-            out[name] = (module, help_text)
-    return out
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag is one line (``rosa train: error: argument --lr: ...``), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rosa", description="RoSA: robust adaptation (low-rank + sparse) fine-tuning")
+    """The ``rosa`` parser; only subcommand ``load`` gets its options (importing its module)."""
+    parser = ArgumentParser(prog="rosa", description="RoSA: robust adaptation (low-rank + sparse) "
+                                     "fine-tuning", formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in _available().items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name == load:
             importlib.import_module(module).add_arguments(p)
     return parser
@@ -59,18 +61,38 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(load=command if command in SUBCOMMANDS else None)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, a bad flag: main() returns exit statuses
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if not args.command:
         parser.print_help()
         return 2
-    module = importlib.import_module(_available()[args.command][0])
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except (UserError, OSError, ValueError) as exc:  # a missing / existing file, bad values
+    except (UserError, OSError, ValueError) as exc:  # a missing / existing file, bad values, a full disk
         if os.environ.get("ROSA_PEFT_DEBUG"):
             raise
         print(f"rosa {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # torch.save reports a failed write (e.g. a full disk) as RuntimeError
+        if not _is_write_failure(exc) or os.environ.get("ROSA_PEFT_DEBUG"):
+            raise
+        print(f"rosa {args.command}: error: could not write a file (is the disk full?): {_first_line(exc)}",
+              file=sys.stderr)
+        return 2
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """torch's serializer (checkpoints: optimizer and scheduler states) wraps a failed write in RuntimeError."""
+    text = str(exc)
+    return isinstance(exc.__cause__, OSError) or "file write failed" in text or "failed writing file" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ CONFIG_NAME = "adapter_config.json"
 IMPLS = ("auto", "merged", "sp_add")
 ADAPTER_DTYPES = (None, "float32", "bfloat16", "float16", "float64")
 BIAS = ("none",)
+# keys a saved adapter_config.json must state: their defaults would silently change what the adapter computes
+REQUIRED_KEYS = ("r", "lora_alpha", "density", "target_modules")
 
 
 @dataclass
@@ -92,8 +94,9 @@ class RosaConfig:
             _check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in dict(self.density_pattern).items():
             _check_density(f"density_pattern[{key!r}]", value)
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            raise ValueError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if (not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool)
+                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
@@ -173,14 +176,30 @@ class RosaConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RosaConfig":
+    def from_dict(cls, data: dict[str, Any], source: Optional[str] = None) -> "RosaConfig":
+        """A config from its ``to_dict`` form. ``source`` (the file it was read from) marks a saved
+        config: that one must then state every key in :data:`REQUIRED_KEYS` (a missing ``lora_alpha``
+        would otherwise silently scale the adapter by the default), and errors name the file."""
+        where = f"{source}: " if source else ""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}must hold a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown RosaConfig field(s): {', '.join(unknown)}")
+            raise ValueError(f"{where}unknown RosaConfig field(s): {', '.join(unknown)}")
+        if source is not None:
+            missing = [k for k in REQUIRED_KEYS if k not in data]
+            if missing:
+                raise ValueError(f"{where}missing key {missing[0]!r}"
+                                 + (f" (and {', '.join(map(repr, missing[1:]))})" if len(missing) > 1 else ""))
         if data.get("peft_type", "ROSA") != "ROSA":
-            raise ValueError(f"peft_type must be 'ROSA', got {data.get('peft_type')!r}")
-        return cls(**data)
+            raise ValueError(f"{where}peft_type must be 'ROSA', got {data.get('peft_type')!r}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            if not source:
+                raise
+            raise ValueError(f"{where}{exc}") from None
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -199,7 +218,9 @@ class RosaConfig:
                 data = json.load(fh)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(data)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
+        return cls.from_dict(data, source=path)
 
 
 def _check_rank(name: str, value: Any) -> None:

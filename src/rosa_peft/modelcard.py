@@ -152,9 +152,9 @@ def _written_by_us(text: str) -> bool:
 
 
 def _is_default_model(name: Optional[str]) -> bool:
-    from .models import _ALIASES
+    from .models import is_default_model
 
-    return bool(name) and name in _ALIASES
+    return bool(name) and is_default_model(name)
 
 
 def _hub_base_model(base_model: Optional[str]) -> Optional[str]:

@@ -54,9 +54,24 @@ def find_default_gguf() -> Path:
     return path
 
 
+def is_default_model(name_or_path: Optional[str]) -> bool:
+    """True when ``name_or_path`` means the embedded SmolLM2 (None, "default" or one of its names)."""
+    return name_or_path in _ALIASES
+
+
+def _default_cache() -> Path:
+    return cache_dir() / "smollm2-135m-instruct"
+
+
+def default_model_converted() -> bool:
+    """True when the embedded model's safetensors copy is already cached (no gguf needed to load it)."""
+    target = _default_cache()
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
 def default_model_dir() -> Path:
     """Directory of the cached safetensors copy of the default model, converting it on first use."""
-    target = cache_dir() / "smollm2-135m-instruct"
+    target = _default_cache()
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     gguf = find_default_gguf()

@@ -1,7 +1,7 @@
 """``rosa bench``: op-level and step-level speed / memory benchmarks against PEFT LoRA.
 
     rosa bench                                  # ops + step on llama2-7b and smollm2-135m shapes, bf16
-    rosa bench --suite step --shapes llama2-7b --repeats 7 --output benchmarks/results
+    rosa bench --suite step --shapes llama2-7b --repeats 7 --output-dir benchmarks/results
     rosa bench --explain                        # which sparse kernel the dispatch picks, then exit
     rosa bench --suite step --quant             # add QLoRA / QSpA / QRoSA rows (NF4 bases)
 """
@@ -12,41 +12,51 @@ import os
 import re
 import sys
 
+from ..options import DTYPES, add_deprecated_alias
 from . import methods as M
 from .ops import DEFAULT_DENSITIES
 from .shapes import PRESETS, resolve_preset
 
-DTYPES = ("bfloat16", "float32", "float16")
 SUITES = ("ops", "step", "all")
 DEFAULT_SHAPES = "llama2-7b,smollm2-135m"
 _OP_SHAPE = re.compile(r"^(\d+)x(\d+)$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", default="all", help=f"what to run: {', '.join(SUITES)} (default all)")
+    parser.add_argument("--suite", default="all", choices=SUITES, help="what to run")
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         help=f"comma list of model presets ({', '.join(PRESETS)}, or "
                              "llama:HIDDEN:INTERMEDIATE:HEADS[:KV[:LAYERS]]); the op suite also takes OUTxIN")
     parser.add_argument("--methods", default=None,
-                        help=f"step-level methods (default: {','.join(M.STEP_METHODS)}); known: {','.join(M.ALL_METHODS)}")
+                        help=f"step-level methods, comma list (default: {','.join(M.STEP_METHODS)}); "
+                             f"known: {','.join(M.ALL_METHODS)}")
     parser.add_argument("--quant", action="store_true",
                         help="add the 4-bit rows (PEFT QLoRA over bitsandbytes, QLoRA / QSpA / QRoSA over torchao NF4)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
-    parser.add_argument("--dtype", default="bfloat16", help=f"base model / compute dtype: {', '.join(DTYPES)}")
-    parser.add_argument("--tokens", type=int, default=512, help="tokens per step (batch 1; default 512)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per method / op (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds (default 1)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="base model / compute dtype")
+    parser.add_argument("--tokens", type=int, default=512, metavar="N", help="tokens per step (batch 1)")
+    parser.add_argument("--repeats", type=int, default=5, metavar="N", help="timed repeats per method / op")
+    parser.add_argument("--warmup", type=int, default=1, metavar="N", help="discarded warm-up rounds")
     parser.add_argument("--densities", default=",".join(str(d) for d in DEFAULT_DENSITIES),
-                        help="op-level densities, comma list of fractions (default 0.1%%..3%%)")
-    parser.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA budget (default 16)")
-    parser.add_argument("--rosa-rank", type=int, default=8, help="RoSA's LoRA rank at that budget (default 8)")
-    parser.add_argument("--layers", type=int, default=None, help="override the presets' number of decoder layers")
-    parser.add_argument("--memory", default="subprocess",
-                        help="peak memory: 'subprocess' (each method alone in a fresh process) or 'none'")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
+                        help="op-level densities, comma list of fractions (0.1%%..3%%)")
+    parser.add_argument("--budget-rank", dest="lora_rank", type=int, default=16, metavar="R",
+                        help="the trainable-parameter budget, as the LoRA rank that spends it (every method gets "
+                             "about as many parameters as PEFT LoRA at this rank)")
+    add_deprecated_alias(parser, "--lora-rank", "--budget-rank", "lora_rank", type=int)
+    parser.add_argument("--rosa-rank", type=int, default=8, metavar="R",
+                        help="RoSA's LoRA rank inside that budget (the rest goes to its sparse part)")
+    parser.add_argument("--layers", type=int, default=None, metavar="N",
+                        help="decoder layers per preset (default: the preset's)")
+    parser.add_argument("--memory", default="subprocess", choices=("subprocess", "none"),
+                        help="peak memory: subprocess (each method alone in a fresh process) or none")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads (default: all usable cores)")
     parser.add_argument("--profile", default=None,
-                        help="comma list of methods to profile one step of (torch.profiler) on the first preset")
-    parser.add_argument("--output", default="rosa-bench-results", help="directory for JSON / markdown / PNG")
+                        help="comma list of methods to profile one step of (torch.profiler) on the first preset "
+                             "(default: none)")
+    parser.add_argument("--output-dir", default="rosa-bench-results", metavar="DIR",
+                        help="directory for the JSON / markdown / PNG results")
+    add_deprecated_alias(parser, "--output", "--output-dir", "output_dir")
     parser.add_argument("--name", default=None, help="file stem (default: device, cores and dtype, "
                                                      "e.g. cpu-2core-bfloat16)")
     parser.add_argument("--explain", action="store_true",
@@ -198,7 +208,7 @@ def run(args) -> int:
 
     result = run_all(cfg, progress=progress, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     result["stem"] = args.name or report.default_stem(cfg["device"], cfg["threads"], cfg["dtype"])
-    for msg in report.write(result, args.output, want_plot=not args.no_plot):
+    for msg in report.write(result, args.output_dir, want_plot=not args.no_plot):
         print(msg)
     for block in result.get("step", []):
         print(f"\n{block['preset']['name']}:")

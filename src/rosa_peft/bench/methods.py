@@ -18,7 +18,8 @@ import torch
 from .shapes import LINEAR_NAMES, adapted_shapes
 
 STEP_METHODS = ("fft", "peft-lora", "peft-shira", "peft-supra", "lora", "spa", "rosa-merged", "rosa-sp_add")
-QUANT_METHODS = ("peft-qlora", "qlora", "qspa", "qrosa")
+QUANT_METHODS = ("peft-qlora", "qlora", "qspa", "qrosa", "qlora-bnb", "qspa-bnb", "qrosa-bnb")
+_BNB_METHODS = ("peft-qlora", "qlora-bnb", "qspa-bnb", "qrosa-bnb")
 ALL_METHODS = STEP_METHODS + QUANT_METHODS
 REFERENCE = "peft-lora"
 
@@ -35,6 +36,9 @@ LABELS = {
     "qlora": "rosa-peft QLoRA (torchao NF4)",
     "qspa": "rosa-peft QSpA (torchao NF4)",
     "qrosa": "rosa-peft QRoSA (torchao NF4, sp_add)",
+    "qlora-bnb": "rosa-peft QLoRA (bitsandbytes NF4)",
+    "qspa-bnb": "rosa-peft QSpA (bitsandbytes NF4)",
+    "qrosa-bnb": "rosa-peft QRoSA (bitsandbytes NF4, sp_add)",
 }
 
 
@@ -53,12 +57,12 @@ class Budget:
     @classmethod
     def for_shapes(cls, shapes: dict, lora_rank: int = 16, rosa_rank: int = 8) -> "Budget":
         if lora_rank < 1:
-            raise ValueError(f"--lora-rank must be >= 1, got {lora_rank}")
+            raise ValueError(f"--budget-rank must be >= 1, got {lora_rank}")
         if not 0 <= rosa_rank < lora_rank:
-            raise ValueError(f"--rosa-rank must be in [0, --lora-rank), got {rosa_rank} (lora rank {lora_rank})")
+            raise ValueError(f"--rosa-rank must be in [0, --budget-rank), got {rosa_rank} (lora rank {lora_rank})")
         for name, (o, i) in shapes.items():
             if lora_rank > min(o, i):
-                raise ValueError(f"--lora-rank {lora_rank} exceeds min(out, in) = {min(o, i)} of {name}")
+                raise ValueError(f"--budget-rank {lora_rank} exceeds min(out, in) = {min(o, i)} of {name}")
         numel = sum(o * i for o, i in shapes.values())
         target = sum(lora_rank * (o + i) for o, i in shapes.values())
         rosa_lora = sum(rosa_rank * (o + i) for o, i in shapes.values())
@@ -116,7 +120,7 @@ def requirement(method: str) -> Optional[str]:
 
         if not quant.backend_available("torchao"):
             return "needs torchao for NF4 (pip install rosa-peft[quant])"
-    if method == "peft-qlora":
+    if method in _BNB_METHODS:
         from .. import quant
 
         if not quant.backend_available("bnb"):
@@ -138,7 +142,7 @@ def preload(method: str) -> None:
     if method in QUANT_METHODS:
         from .. import quant
 
-        quant.ensure_registered(["torchao"] if method != "peft-qlora" else ["bnb"])
+        quant.ensure_registered(["bnb"] if method in _BNB_METHODS else ["torchao"])
 
 
 def clear_mask_cache() -> None:
@@ -235,11 +239,24 @@ def _build_qrosa(model, budget):
     return _rosa(_quantized(model, "torchao"), budget, budget.rosa_rank, budget.rosa_density)
 
 
+def _build_qlora_bnb(model, budget):
+    return _rosa(_quantized(model, "bnb"), budget, budget.lora_rank, 0.0)
+
+
+def _build_qspa_bnb(model, budget):
+    return _rosa(_quantized(model, "bnb"), budget, 0, budget.spa_density)
+
+
+def _build_qrosa_bnb(model, budget):
+    return _rosa(_quantized(model, "bnb"), budget, budget.rosa_rank, budget.rosa_density)
+
+
 BUILDERS: dict[str, Callable] = {
     "fft": _build_fft, "peft-lora": _build_peft_lora, "peft-shira": _build_peft_shira,
     "peft-supra": _build_peft_supra, "lora": _build_lora, "spa": _build_spa, "rosa-merged": _build_rosa_merged,
     "rosa-sp_add": _build_rosa_sp_add, "peft-qlora": _build_peft_qlora, "qlora": _build_qlora,
-    "qspa": _build_qspa, "qrosa": _build_qrosa,
+    "qspa": _build_qspa, "qrosa": _build_qrosa, "qlora-bnb": _build_qlora_bnb, "qspa-bnb": _build_qspa_bnb,
+    "qrosa-bnb": _build_qrosa_bnb,
 }
 
 

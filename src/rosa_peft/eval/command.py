@@ -1,6 +1,7 @@
 """``rosa eval``: evaluate a model (optionally with a RoSA adapter) on a task, or compare runs.
 
     rosa eval --task viggo --data-dir data --limit 50 [--adapter RUN_DIR] [--output FILE.json]
+    rosa eval --task jsonl --data test.jsonl [--prompt-field F --response-field F] --adapter RUN_DIR
     rosa eval --compare RUN_DIR... [--output TABLE.md] [--plot FIG.png]
 """
 from __future__ import annotations
@@ -10,41 +11,61 @@ import codecs
 import os
 import sys
 
+from ..options import DTYPES, QUANT_BACKENDS, QUANTIZE, add_deprecated_alias, check_optional_dependencies
 from .metrics import GSM8K_PROTOCOLS
-from .protocols import PROTOCOL_TASKS
+from .protocols import FILE_PROTOCOL_TASKS, PROTOCOL_TASKS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF id or local path (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", default=None, help="RoSA adapter / rosa train run directory")
-    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights before evaluating")
-    p.add_argument("--task", default=None, help=f"one of {', '.join(PROTOCOL_TASKS)}")
-    p.add_argument("--data-dir", default=None, help="data folder (default: $ROSA_PEFT_DATA_DIR)")
-    p.add_argument("--split", default=None, help="default: the task's eval split")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: per task (gsm8k 256, viggo 128, sql 192)")
-    p.add_argument("--stop", action="append", default=None, metavar="STR",
-                   help="replace the task's stop strings (repeatable; escapes such as \\n are decoded)")
-    p.add_argument("--gsm8k-protocol", choices=GSM8K_PROTOCOLS, default="paper",
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None,
+                   help="base model: HF id or local path (default: the embedded SmolLM2-135M-Instruct)")
+    m.add_argument("--adapter", default=None, metavar="DIR", help="RoSA adapter / rosa train run directory "
+                                                                 "(default: none, the base model alone)")
+    m.add_argument("--merge", action="store_true", help="merge the adapter into the weights before evaluating")
+    m.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype")
+    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    m.add_argument("--quantize", default="none", choices=QUANTIZE, help="nf4: 4-bit NF4 base model (QRoSA adapters)")
+    m.add_argument("--quant-backend", default="torchao", choices=QUANT_BACKENDS,
+                   help="package doing --quantize: torchao (extra [quant]) or bitsandbytes (extra [bnb])")
+    d = p.add_argument_group("data")
+    d.add_argument("--task", default=None,
+                   help=f"one of {', '.join(PROTOCOL_TASKS + FILE_PROTOCOL_TASKS)} (jsonl: see --data); "
+                        "required unless --compare (default: none)")
+    d.add_argument("--data", default=None, metavar="PATH",
+                   help="jsonl task: the .jsonl file to evaluate, one JSON object per line (default: none)")
+    d.add_argument("--prompt-field", default="prompt", help="jsonl task: the field holding the prompt")
+    d.add_argument("--response-field", default="response", help="jsonl task: the field holding the response")
+    d.add_argument("--data-dir", default=None, metavar="DIR", help="data folder (default: $ROSA_PEFT_DATA_DIR)")
+    d.add_argument("--split", default=None, help="split to evaluate (default: the task's eval split)")
+    d.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N examples "
+                                                                        "(default: all)")
+    g = p.add_argument_group("generation and scoring")
+    g.add_argument("--eval-batch-size", type=int, default=8, metavar="N", help="prompts per generate call")
+    add_deprecated_alias(p, "--batch-size", "--eval-batch-size", "eval_batch_size", type=int)
+    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="generated-token bound (default: per task: gsm8k 256, viggo 128, sql 192, jsonl the "
+                        "longest gold response + 16)")
+    g.add_argument("--max-seq-len", type=int, default=512, metavar="N",
+                   help="jsonl task: tokens of prompt + response scored for the loss (as rosa train's)")
+    g.add_argument("--stop", action="append", default=None, metavar="STR",
+                   help="replace the task's stop strings (repeatable; escapes such as \\n are decoded) "
+                        "(default: per task)")
+    g.add_argument("--gsm8k-protocol", choices=GSM8K_PROTOCOLS, default="paper",
                    help="paper = RoSA's lm-eval 2c18e367 zero-shot; strict/flexible = today's lm-eval filters")
-    p.add_argument("--sql-paper-prompt", action="store_true",
+    g.add_argument("--sql-paper-prompt", action="store_true",
                    help="reproduce the RoSA eval prompt quirk (the '\\n\\n answer: ' suffix twice)")
-    p.add_argument("--sql-case-sensitive", action="store_true",
+    g.add_argument("--sql-case-sensitive", action="store_true",
                    help="compare SQL execution results with sqlite's case-sensitive default")
-    p.add_argument("--sql-timeout", type=float, default=2.0, help="seconds per SQL query (default 2)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--quantize", default=None, choices=["nf4"], help="4-bit NF4 base model (QRoSA adapters)")
-    p.add_argument("--quant-backend", default="torchao", choices=["torchao", "bnb"],
-                   help="package doing --quantize (default torchao)")
-    p.add_argument("--output", default=None,
+    g.add_argument("--sql-timeout", type=float, default=2.0, metavar="SECONDS", help="time limit per SQL query")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", default=None, metavar="FILE",
                    help="report path (default: ADAPTER/eval-TASK-SPLIT.json, else ./eval-TASK-SPLIT.json); "
-                        "with --compare: the markdown table")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
-                   help="render these run directories into one markdown table (and --plot PNG)")
-    p.add_argument("--plot", default=None, help="with --compare: the PNG (default: beside --output)")
+                        "with --compare: the markdown table (default: stdout only)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
+                   help="render these run directories into one markdown table (and --plot PNG) (default: none)")
+    o.add_argument("--plot", default=None, metavar="PNG", help="with --compare: the plot (default: beside --output)")
 
 
 def _positive(name: str, value) -> None:
@@ -89,11 +110,14 @@ def run_compare(args) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.compare is not None:
         return run_compare(args)
+    tasks = PROTOCOL_TASKS + FILE_PROTOCOL_TASKS
     if not args.task:
-        raise ValueError(f"--task is required (one of {', '.join(PROTOCOL_TASKS)}), or use --compare RUN_DIR...")
-    _positive("--batch-size", args.batch_size)
+        raise ValueError(f"--task is required (one of {', '.join(tasks)}), or use --compare RUN_DIR...")
+    _positive("--eval-batch-size", args.eval_batch_size)
     _positive("--max-new-tokens", args.max_new_tokens)
     _positive("--limit", args.limit)
+    if args.max_seq_len < 2:
+        raise ValueError(f"--max-seq-len must be an integer >= 2, got {args.max_seq_len}")
     from .loading import check_adapter_dir, load_for_eval
     from .protocols import get_protocol
     from .runner import evaluate, format_summary, load_examples, write_report
@@ -102,19 +126,31 @@ def run(args: argparse.Namespace) -> int:
         check_adapter_dir(args.adapter)
     from ..tasks import TASKS
 
+    key = args.task.strip().lower().replace("_", "-")
+    task_options = {}
+    if key == "jsonl":
+        if not args.data:
+            raise ValueError("--task jsonl needs --data PATH (the .jsonl file to evaluate)")
+        task_options = dict(path=args.data, eval_path=args.data, prompt_field=args.prompt_field,
+                            response_field=args.response_field)
+    elif args.data:
+        raise ValueError(f"--data is for --task jsonl; task {args.task!r} reads its files from --data-dir")
     stop = None if args.stop is None else [codecs.decode(s, "unicode_escape") for s in args.stop]
     options = dict(gsm8k_protocol=args.gsm8k_protocol, sql_paper_prompt=args.sql_paper_prompt,
                    sql_case_insensitive=not args.sql_case_sensitive, sql_timeout_s=args.sql_timeout,
-                   stop=stop, max_new_tokens=args.max_new_tokens)
-    if args.task.strip().lower().replace("_", "-") in TASKS:  # a known task without a protocol: say so first
+                   stop=stop, max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len)
+    if key in TASKS:  # a known task without a protocol: say so first
         get_protocol(args.task, **options)
-    task, split, examples = load_examples(args.task, args.split, args.limit, args.data_dir)
+    quantize = None if args.quantize == "none" else args.quantize
+    check_optional_dependencies(args.model, quantize, args.quant_backend)
+    task, split, examples = load_examples(args.task, args.split, args.limit, args.data_dir, **task_options)
     protocol = get_protocol(task.name, **options)
     output = args.output or _default_output(args, task.name, split)
     _check_output(output)
-    model, tokenizer, info = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=args.device,
-                                           merge=args.merge, quantize=args.quantize, quant_backend=args.quant_backend)
-    report = evaluate(model, tokenizer, task, split=split, limit=args.limit, batch_size=args.batch_size,
+    device = None if args.device == "auto" else args.device
+    model, tokenizer, info = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=device,
+                                           merge=args.merge, quantize=quantize, quant_backend=args.quant_backend)
+    report = evaluate(model, tokenizer, task, split=split, limit=args.limit, batch_size=args.eval_batch_size,
                       protocol=protocol, examples=examples, progress=not args.no_progress, model_info=info)
     write_report(report, output)
     print(format_summary(report))

@@ -6,6 +6,7 @@
 | gsm8k (strict / flexible) | same | ``Question:``, ``</s>``, ``<|im_end|>`` | 256 | no | harness filter == gold |
 | viggo | the training prompt | newline | 128 | yes | exact MR (+ slot F1) |
 | sql, sql-synth | the training prompt (``--sql-paper-prompt``: suffix doubled) | newline | 192 | yes | execution match when the example has tables, else exact |
+| jsonl | the record's prompt field | none (EOS) | longest gold response + 16 | yes | exact match after strip; plus the mean response loss |
 
 EOS always stops a row as well. BOS "yes" means the prompt is tokenised with the tokenizer's
 special tokens, as in training; the GSM8K harness tokenises without them.
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import metrics
-from .sql_exec import sql_execution_result
+from .sql_exec import check_timeout, sql_execution_result
 
 SQL_ANSWER_SUFFIX = "\n\n answer: "
 GSM8K_PAPER_STOP = (":", "Question:", "Question")
@@ -30,12 +31,15 @@ class EvalProtocol:
     task: str
     name: str
     stop: Tuple[str, ...]
-    max_new_tokens: int
+    max_new_tokens: Optional[int]  # None: settled by prepare() from the data
     add_special_tokens: bool
     options: Dict[str, object] = field(default_factory=dict)
 
     def prompt(self, example) -> str:
         return example.prompt
+
+    def prepare(self, tokenizer, examples: Sequence) -> None:
+        """Settle what depends on the tokenizer or the data (called before generating)."""
 
     def score(self, example, generation: str) -> dict:
         raise NotImplementedError
@@ -113,13 +117,39 @@ class SQLProtocol(EvalProtocol):
         return out
 
 
-PROTOCOL_TASKS = ("gsm8k", "viggo", "sql", "sql-synth")
+class JsonlProtocol(EvalProtocol):
+    """Any prompt/response JSONL file: greedy generation, exact match after stripping whitespace, and
+    the mean loss per response token (as training measures it)."""
+
+    JSONL_MARGIN_TOKENS = 16
+
+    def prepare(self, tokenizer, examples: Sequence) -> None:
+        if self.max_new_tokens is None:  # longer than the longest gold answer cannot match exactly
+            longest = max(len(tokenizer(e.response.strip(), add_special_tokens=False)["input_ids"]) for e in examples)
+            self.max_new_tokens = longest + self.JSONL_MARGIN_TOKENS
+
+    def score(self, example, generation: str) -> dict:
+        prediction, gold = generation.strip(), example.response.strip()
+        return {"prediction": prediction, "gold": gold, "correct": prediction == gold}
+
+    def summarize(self, records: Sequence[dict]) -> dict:
+        out = super().summarize(records)
+        out["exact"] = out["accuracy"]
+        out["primary_metric"] = "exact (stripped)"
+        return out
+
+
+PROTOCOL_TASKS = ("gsm8k", "viggo", "sql", "sql-synth")  # evaluable by name alone
+FILE_PROTOCOL_TASKS = ("jsonl",)  # evaluable given a file (rosa eval --data PATH)
 
 
 def get_protocol(task: str, gsm8k_protocol: str = "paper", sql_paper_prompt: bool = False,
                  sql_case_insensitive: bool = True, sql_timeout_s: float = 2.0,
-                 stop: Optional[Sequence[str]] = None, max_new_tokens: Optional[int] = None) -> EvalProtocol:
-    """The protocol for ``task`` (a task name); ``stop`` / ``max_new_tokens`` override its defaults."""
+                 stop: Optional[Sequence[str]] = None, max_new_tokens: Optional[int] = None,
+                 max_seq_len: int = 512) -> EvalProtocol:
+    """The protocol for ``task`` (a task name); ``stop`` / ``max_new_tokens`` override its defaults.
+
+    ``max_seq_len`` bounds prompt + response tokens where a protocol also measures the loss (jsonl)."""
     key = str(task).strip().lower().replace("_", "-")
     if key == "gsm8k":
         metrics._check_protocol(gsm8k_protocol)
@@ -130,14 +160,18 @@ def get_protocol(task: str, gsm8k_protocol: str = "paper", sql_paper_prompt: boo
     elif key == "viggo":
         proto = ViGGOProtocol(key, "viggo-paper", ("\n",), 128, True)
     elif key in ("sql", "sql-synth"):
-        if not isinstance(sql_timeout_s, (int, float)) or sql_timeout_s <= 0:
-            raise ValueError(f"sql_timeout_s must be a positive number, got {sql_timeout_s!r}")
+        check_timeout(sql_timeout_s)  # finite and > 0: nan / inf would switch the guard off
         proto = SQLProtocol(key, "sql-paper-prompt" if sql_paper_prompt else "sql", ("\n",), 192, True,
                             {"sql_paper_prompt": bool(sql_paper_prompt),
                              "sql_case_insensitive": bool(sql_case_insensitive),
                              "sql_timeout_s": float(sql_timeout_s)})
+    elif key == "jsonl":
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+        proto = JsonlProtocol(key, "jsonl-exact", (), None, True, {"loss": True, "loss_max_seq_len": max_seq_len})
     else:
-        raise ValueError(f"task {task!r} has no evaluation protocol; evaluable tasks: {', '.join(PROTOCOL_TASKS)}")
+        raise ValueError(f"task {task!r} has no evaluation protocol; evaluable tasks: "
+                         f"{', '.join(PROTOCOL_TASKS + FILE_PROTOCOL_TASKS)}")
     if stop is not None:
         proto.stop = tuple(stop)
     if max_new_tokens is not None:

@@ -25,11 +25,13 @@ FORMAT = "rosa-eval/1"
 
 
 def load_examples(task, split: Optional[str] = None, limit: Optional[int] = None,
-                  data_dir: Optional[str] = None) -> Tuple[object, str, List]:
-    """``(task, split, examples)``; the split defaults to the task's eval split. Errors on no examples."""
+                  data_dir: Optional[str] = None, **task_options) -> Tuple[object, str, List]:
+    """``(task, split, examples)``; the split defaults to the task's eval split. Errors on no examples.
+
+    ``task_options`` go to the task's constructor when ``task`` is a name (e.g. ``path=`` for jsonl)."""
     from ..tasks import get_task
 
-    task_obj = get_task(task, data_dir=data_dir) if isinstance(task, str) else task
+    task_obj = get_task(task, data_dir=data_dir, **task_options) if isinstance(task, str) else task
     split = task_obj.check_split(split or task_obj.eval_split)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
@@ -45,10 +47,12 @@ def evaluate(model, tokenizer, task, *, split: Optional[str] = None, limit: Opti
              **protocol_options) -> dict:
     """Generate greedily on ``task``'s split (default: its eval split) and score every example.
 
-    ``task`` is a name (``gsm8k``, ``viggo``, ``sql``, ``sql-synth``) or a Task. ``protocol_options``
-    go to :func:`rosa_peft.eval.protocols.get_protocol` (``gsm8k_protocol``, ``sql_paper_prompt``,
-    ``sql_case_insensitive``, ``sql_timeout_s``, ``stop``, ``max_new_tokens``). Pass ``examples``
-    (from :func:`load_examples`) to skip loading.
+    ``task`` is a name (``gsm8k``, ``viggo``, ``sql``, ``sql-synth``) or a Task (e.g. a ``jsonl`` task
+    built with ``get_task("jsonl", path=...)``). ``protocol_options`` go to
+    :func:`rosa_peft.eval.protocols.get_protocol` (``gsm8k_protocol``, ``sql_paper_prompt``,
+    ``sql_case_insensitive``, ``sql_timeout_s``, ``stop``, ``max_new_tokens``, ``max_seq_len``). Pass
+    ``examples`` (from :func:`load_examples`) to skip loading. A protocol with ``options["loss"]``
+    (jsonl) also reports ``summary["loss"]``, the mean loss per response token.
     """
     if examples is None:
         task_obj, split, examples = load_examples(task, split, limit, data_dir)
@@ -57,13 +61,20 @@ def evaluate(model, tokenizer, task, *, split: Optional[str] = None, limit: Opti
     task_name = task_obj if isinstance(task_obj, str) else task_obj.name
     if protocol is None:
         protocol = get_protocol(task_name, **protocol_options)
+    protocol.prepare(tokenizer, examples)
     prompts = [protocol.prompt(e) for e in examples]
     t0 = time.time()
     generations = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=protocol.max_new_tokens,
                            stop=protocol.stop, add_special_tokens=protocol.add_special_tokens, progress=progress,
                            desc=f"eval {task_name}")
-    elapsed = time.time() - t0
     records = score_all(protocol, examples, generations, prompts)
+    summary = protocol.summarize(records)
+    if protocol.options.get("loss"):
+        from .loss import response_loss
+
+        summary["loss"] = response_loss(model, tokenizer, examples, batch_size=batch_size,
+                                        max_seq_len=protocol.options["loss_max_seq_len"])
+    elapsed = time.time() - t0
     return {
         "format": FORMAT,
         "task": task_name,
@@ -71,7 +82,7 @@ def evaluate(model, tokenizer, task, *, split: Optional[str] = None, limit: Opti
         "protocol": protocol.describe(),
         "model": dict(model_info or {}),
         "settings": {"batch_size": batch_size, "limit": limit},
-        "summary": protocol.summarize(records),
+        "summary": summary,
         "time_s": round(elapsed, 2),
         "examples": records,
     }

@@ -6,6 +6,8 @@ at least float32), the caller casts them to the values' dtype.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .storage import SparseAdapter
@@ -55,6 +57,14 @@ def _csr64(sp: SparseAdapter) -> tuple[torch.Tensor, torch.Tensor]:
     return sp._cached("csr64", lambda: (sp.row_offsets.to(torch.int64), sp.col_indices.to(torch.int64)))
 
 
+def _csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size) -> torch.Tensor:
+    """A CSR tensor over our own (already valid) indices, without torch's beta / invariant-check warnings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
 def _transposed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.t()`` as a contiguous tensor in ``dtype``: the cast and the transpose in one pass over memory."""
     return t.t().to(dtype, memory_format=torch.contiguous_format)
@@ -71,7 +81,7 @@ def sddmm_sampled_addmm(grad_out: torch.Tensor, x: torch.Tensor, sp: SparseAdapt
     if sp.nnz == 0:
         return torch.empty(0, dtype=acc, device=grad_out.device)
     crow, col = _csr64(sp)
-    pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(sp.nnz, dtype=acc, device=grad_out.device), size=sp.shape)
+    pattern = _csr_tensor(crow, col, torch.zeros(sp.nnz, dtype=acc, device=grad_out.device), size=sp.shape)
     res = torch.sparse.sampled_addmm(pattern, _transposed(grad_out, acc), _transposed(x, acc).t(), beta=0.0)
     return res.values()
 
@@ -121,5 +131,5 @@ def spmm(x: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tens
     if sp.nnz == 0:
         return x.new_zeros(x.shape[0], sp.out_features)
     crow, col = _csr64(sp)
-    s = torch.sparse_csr_tensor(crow, col, values.to(acc), size=sp.shape)
+    s = _csr_tensor(crow, col, values.to(acc), size=sp.shape)
     return (s @ x.to(acc).t()).t().to(x.dtype)

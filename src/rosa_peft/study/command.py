@@ -11,17 +11,22 @@ import argparse
 import logging
 import sys
 
+from ..options import find_config, packaged_configs
 from .config import Cell, StudyConfig, load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="study YAML (tasks, methods, seeds, train, eval; see docs/study.md)")
-    p.add_argument("--output-dir", default=None, help="override the config's output_dir (default results/)")
+    p.add_argument("config", help="study YAML (tasks, methods, seeds, train, eval; see docs/study.md); a name not "
+                                  "found here is looked up among the packaged recipes: "
+                                  + ", ".join(n for n in packaged_configs() if n.startswith("study")))
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="where the cells and tables go (default: the config's output_dir)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and which are finished; run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--cells", nargs="+", metavar="PATTERN", default=None,
                    help="run only the cells whose names match these shell patterns (e.g. 'viggo-lora-*'), so "
-                        "disjoint parts of one grid can run side by side; the table is written once all are done")
+                        "disjoint parts of one grid can run side by side; the table is written once all are done "
+                        "(default: every cell)")
     p.add_argument("--in-process", action="store_true",
                    help="run the cells in this process instead of one fresh process per cell "
                         "(peak RSS then accumulates across cells)")
@@ -47,7 +52,7 @@ def _err(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from .runner import cell_status, run_study
 
-    study = load_config(args.config, output_dir=args.output_dir)
+    study = load_config(find_config(args.config), output_dir=args.output_dir)
     if args.dry_run:
         status = cell_status(study)
         width = max(len(c.name) for c in study.cells)

@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 from ._synth_vocab import TABLES, TEXT_POOLS, Pool, is_numeric, sql_type, words
 from .base import Example, Task
 from .sql import sql_prompt
-from .sqlexec import execute_sql
+from .sqlexec import QueryRefused, execute_sql
 
 KINDS = ("select", "select_and", "select_gt", "count", "max", "min")
 WEIGHTS = (4, 1, 1, 2, 1, 1)
@@ -120,7 +120,7 @@ def generate_example(rng: random.Random) -> Example:
 def _check(sql: str, tables: dict, context: str, kind: str) -> None:
     try:
         result = execute_sql(sql, tables, context)
-    except sqlite3.Error as exc:  # a generator bug, never a user error
+    except (sqlite3.Error, QueryRefused) as exc:  # a generator bug, never a user error
         raise RuntimeError(f"sql-synth generated a query that does not run: {sql!r} ({exc})") from exc
     if not result or result[0][0] is None or (kind == "count" and result[0][0] < 1):
         raise RuntimeError(f"sql-synth generated a query with an empty result: {sql!r} on {tables!r}")

@@ -1,7 +1,14 @@
-"""What a training run leaves behind: a metrics jsonl (written as it goes) and a loss-curve PNG."""
+"""What a training run leaves behind: a metrics jsonl (written as it goes) and a loss-curve PNG.
+
+``metrics.jsonl`` is strict JSON, one object a line (``json.loads`` with any ``parse_constant`` reads it):
+a non-finite number in a log record (NaN, inf, -inf; e.g. the loss of a diverged step logged by a caller's
+own Trainer) is written as ``null``, never as the bare ``NaN`` / ``Infinity`` tokens that Python's
+``json`` would emit and that are not JSON. The loss plot skips such points.
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Optional
@@ -9,7 +16,7 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from ..io import read_jsonl
-from ..plots import import_pyplot, save_png
+from ..plots import pyplot_or_none, save_png
 
 
 class MetricsWriter(TrainerCallback):
@@ -29,8 +36,9 @@ class MetricsWriter(TrainerCallback):
         if not self.enabled:
             return
         record = {"time_s": round(time.time() - self.t0, 3), **record}
+        line = json.dumps(strict_json(record), allow_nan=False)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(line + "\n")
 
     def phase(self, phase: str, info: dict) -> None:
         self._write({"event": "phase", "phase": phase, **{k: str(v) for k, v in info.items()}})
@@ -40,19 +48,31 @@ class MetricsWriter(TrainerCallback):
             self._write({"event": "log", "step": state.global_step, **logs})
 
 
+def strict_json(value):
+    """``value`` with every non-finite float (at any depth of dicts / lists / tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def read_metrics(path: str) -> list[dict]:
     """The records of a ``metrics.jsonl``."""
     return read_jsonl(path)
 
 
 def plot_loss(metrics_path: str, png_path: str, title: Optional[str] = None) -> Optional[str]:
-    """Loss per optimizer step, one line per phase (warm-up and the restarted run). None without matplotlib."""
-    plt = import_pyplot()
+    """Loss per optimizer step, one line per phase (warm-up and the restarted run). None without matplotlib
+    (then one line on stderr says how to install it)."""
+    plt = pyplot_or_none(f"loss plot {png_path}")
     if plt is None:
         return None
     series: dict[str, tuple[list, list]] = {}
     for rec in read_metrics(metrics_path):
-        if rec.get("event") == "log" and "loss" in rec:
+        if rec.get("event") == "log" and isinstance(rec.get("loss"), (int, float)):
             xs, ys = series.setdefault(rec.get("phase") or "train", ([], []))
             xs.append(rec["step"])
             ys.append(rec["loss"])

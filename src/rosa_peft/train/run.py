@@ -3,7 +3,11 @@
 Every input is checked before anything is written, so bad input never leaves a partial output
 directory. The run directory then holds: the adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``; for ``fft`` the full model), ``masks.safetensors``, ``run_config.json``
-(the resolved options and results), ``metrics.jsonl`` and ``loss.png``.
+(the resolved options and results), ``metrics.jsonl`` and ``loss.png``. ``run_config.json`` is written
+last: it marks a finished run, and ``--resume`` on a finished run is a no-op that says so. With
+``--save-steps`` every checkpoint also holds ``rosa_run_totals.json`` (the loss sum and training time
+of the whole run up to it), so a resumed run's ``train_loss`` / ``train_time_s`` cover all its steps.
+Temporary files a killed earlier run left in the directory are removed when a run starts in it.
 
 Under ``torchrun`` (DDP) every rank trains; only rank 0 creates, writes and (on failure) removes the
 output directory.
@@ -18,11 +22,12 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional, Union
 
 import torch
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, is_temp_name, read_json_object, remove_stale_temp_files
+from ..options import DTYPES, QUANT_BACKENDS, QUANTIZE, check_optional_dependencies, coerce_fields
 
 log = logging.getLogger("rosa_peft.train")
 
@@ -31,49 +36,92 @@ METHODS = ("rosa", "lora", "spa", "fft")
 METHOD_DEFAULTS = {"rosa": (16, 0.006), "lora": (32, 0.0), "spa": (0, 0.012), "fft": (0, 0.0)}
 
 
+def _opt(default, help: str, **meta):
+    """A TrainOptions field: ``help`` and ``meta`` become its ``rosa train`` flag (see rosa_peft.options)."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+_DATA, _METHOD, _OPTIM, _MASKS, _RUN, _HW = ("model and data", "method and adapter", "optimisation",
+                                              "masks (RoSA, SpA)", "run directory", "precision and quantization")
+
+
 @dataclass
 class TrainOptions:
-    model: Optional[str] = None  # None = the embedded SmolLM2-135M-Instruct
-    task: str = "sql-synth"
-    data_dir: Optional[str] = None
-    train_split: Optional[str] = None
-    limit: Optional[int] = None  # first N training examples
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    method: str = "rosa"
-    r: Optional[int] = None
-    density: Optional[float] = None
-    budget: Optional[int] = None
-    rosa_lora_fraction: float = 0.5
-    lora_alpha: float = 16
-    lora_dropout: float = 0.05
-    target_modules: object = "all-linear"
-    impl: str = "auto"
-    epochs: float = 1.0
-    max_steps: int = -1
-    lr: float = 2e-4
-    lora_lr: Optional[float] = 7e-4
-    lr_warmup_steps: int = 20
-    batch_size: int = 1
-    grad_accum: int = 32
-    max_seq_len: int = 512
-    mask_criterion: str = "fisher"
-    mask_budget: str = "per_layer"
-    warmup_steps: int = 64  # LoRA-only steps before mask scoring
-    mask_grad_steps: int = 1
-    masks: Optional[str] = None  # load masks from this file instead of scoring
-    output_dir: str = "runs/rosa"
-    seed: int = 42
-    dtype: str = "float32"
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    save_steps: int = 0
-    resume: bool = False
-    quantize: str = "none"
-    quant_backend: str = "torchao"
-    logging_steps: int = 1
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+    """Every option of one training run. Each field with ``help`` is a ``rosa train`` flag
+    (``--field-name``) and a ``--config`` YAML key (``field_name``); values are converted to the
+    declared types when the object is built (``lr="2e-4"`` becomes 2e-4, ``lr="abc"`` is a ValueError)."""
+
+    model: Optional[str] = _opt(None, "base model: HF id or local path", group=_DATA,
+                                default_text="the embedded SmolLM2-135M-Instruct")
+    task: str = _opt("sql-synth", "gsm8k | viggo | sql | sql-synth (built-in, offline) | jsonl (your own file, "
+                                  "see --data)", group=_DATA)
+    data: Optional[str] = _opt(None, "jsonl task: the training .jsonl file, one JSON object per line "
+                                     "(a relative path not found here is looked up under --data-dir)",
+                               group=_DATA, metavar="PATH")
+    data_dir: Optional[str] = _opt(None, "folder with the task data", group=_DATA, metavar="DIR",
+                                   default_text="$ROSA_PEFT_DATA_DIR")
+    train_split: Optional[str] = _opt(None, "split to train on", group=_DATA,
+                                      default_text="the task's train split")
+    limit: Optional[int] = _opt(None, "train on the first N examples only", group=_DATA, metavar="N",
+                                default_text="all")
+    prompt_field: str = _opt("prompt", "jsonl task: the field holding the prompt", group=_DATA)
+    response_field: str = _opt("response", "jsonl task: the field holding the response", group=_DATA)
+    method: str = _opt("rosa", "rosa (low-rank + sparse) | lora | spa (sparse only) | fft (full fine-tuning)",
+                       group=_METHOD, choices=METHODS)
+    r: Optional[int] = _opt(None, "LoRA rank; --r is the same flag (under torchrun, whose parser rejects --r "
+                                  "as ambiguous, use --rank)", group=_METHOD, flags=("--rank", "--r"), metavar="R",
+                            default_text="per method: rosa 16, lora 32; or from --budget")
+    density: Optional[float] = _opt(None, "sparse density d: the fraction of each weight's entries trained",
+                                    group=_METHOD, metavar="D",
+                                    default_text="per method: rosa 0.006, spa 0.012; or from --budget")
+    budget: Optional[int] = _opt(None, "trainable-parameter budget: picks --rank / --density per method "
+                                       "(give one or the other)", group=_METHOD, metavar="PARAMS")
+    rosa_lora_fraction: float = _opt(0.5, "share of a --budget that RoSA spends on the low-rank part",
+                                     group=_METHOD)
+    lora_alpha: float = _opt(16.0, "LoRA scale alpha (the update is alpha/r * B*A)", group=_METHOD)
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA input", group=_METHOD)
+    target_modules: Union[str, List[str]] = _opt("all-linear", "modules to adapt: all-linear, or a comma list of "
+                                                               "module names (e.g. q_proj,v_proj)", group=_METHOD)
+    impl: str = _opt("auto", "sparse part: merged (W0 + S kept in the base weight), sp_add (S*x added, the "
+                             "reference's scheme) or auto", group=_METHOD, choices=("auto", "merged", "sp_add"))
+    epochs: float = _opt(1.0, "passes over the training examples (when --max-steps is -1)", group=_OPTIM)
+    max_steps: int = _opt(-1, "optimizer steps after RoSA's LoRA warm-up (-1: from --epochs)", group=_OPTIM)
+    lr: float = _opt(2e-4, "learning rate of the sparse values (and of every weight for fft)", group=_OPTIM)
+    lora_lr: Optional[float] = _opt(7e-4, "learning rate of the LoRA factors", group=_OPTIM)
+    lr_warmup_steps: int = _opt(20, "linear learning-rate warm-up steps", group=_OPTIM)
+    batch_size: int = _opt(1, "micro-batch: examples per forward/backward pass in each process", group=_OPTIM)
+    grad_accum: int = _opt(32, "micro-batches per optimizer step (effective batch = batch-size x grad-accum x "
+                               "processes)", group=_OPTIM)
+    max_seq_len: int = _opt(512, "tokens of prompt + response; longer prompts are dropped, longer responses cut",
+                            group=_OPTIM)
+    mask_criterion: str = _opt("fisher", "how the sparse mask is scored", group=_MASKS,
+                               choices=("fisher", "grad", "magnitude", "random"))
+    mask_budget: str = _opt("per_layer", "top-k per weight matrix or over the whole model", group=_MASKS,
+                            choices=("per_layer", "global"))
+    warmup_steps: int = _opt(64, "RoSA's LoRA-only steps before the masks are scored", group=_MASKS)
+    mask_grad_steps: int = _opt(1, "micro-batches of gradients accumulated to score the masks", group=_MASKS)
+    masks: Optional[str] = _opt(None, "use the masks in this .safetensors file instead of scoring gradients",
+                                group=_MASKS, metavar="FILE")
+    output_dir: str = _opt("runs/rosa", "run directory: adapter, masks, run_config.json, metrics.jsonl, loss.png "
+                                        "(must be absent or empty unless --resume)", group=_RUN, metavar="DIR")
+    seed: int = _opt(42, "random seed (data order, initialisation, random masks)", group=_RUN)
+    dtype: str = _opt("float32", "base model dtype (float16 is refused: fp16 weights train unstably without "
+                                 "loss scaling; use bfloat16 or --bf16)", group=_HW, choices=DTYPES)
+    bf16: bool = _opt(False, "bf16 autocast (mixed precision)", group=_HW)
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, slower", group=_HW)
+    save_steps: int = _opt(0, "checkpoint every N steps (0: never)", group=_RUN)
+    resume: bool = _opt(False, "continue from the last checkpoint in --output-dir", group=_RUN)
+    quantize: str = _opt("none", "nf4: 4-bit NF4 base model (QRoSA)", group=_HW, choices=QUANTIZE)
+    quant_backend: str = _opt("torchao", "package doing --quantize: torchao (extra [quant]) or bitsandbytes "
+                                         "(extra [bnb])", group=_HW, choices=QUANT_BACKENDS)
+    logging_steps: int = _opt(1, "log the loss every N steps", group=_RUN)
+    progress: bool = _opt(True, "progress bar", group=_RUN)
+    extra: dict = _opt({}, "keys copied into run_config.json (rosa study sets them)", cli=False)
+
+    def __post_init__(self):
+        coerce_fields(self)  # YAML / Python values to the declared types, before anything loads
 
     def resolved_rank_density(self, model) -> tuple[int, float]:
         from .budget import budget_units, resolve_budget
@@ -117,9 +165,20 @@ def validate(opts: TrainOptions):
     for name in ("batch_size", "grad_accum", "max_seq_len"):
         if getattr(opts, name) < 1:
             raise ValueError(f"{name} must be >= 1")
+    for name, choices in (("dtype", DTYPES), ("quantize", QUANTIZE), ("quant_backend", QUANT_BACKENDS)):
+        if getattr(opts, name) not in choices:
+            raise ValueError(f"unknown {name} {getattr(opts, name)!r}; choose one of {', '.join(choices)}")
+    if opts.dtype == "float16":
+        raise ValueError("--dtype float16 is not supported for training (fp16 weights train unstably without "
+                         "loss scaling); use --dtype bfloat16, or float32 with --bf16")
+    check_optional_dependencies(opts.model, opts.quantize, opts.quant_backend)
     kwargs = {}
-    if opts.task == "jsonl":
-        kwargs = {"prompt_field": opts.prompt_field, "response_field": opts.response_field}
+    if str(opts.task).strip().lower() == "jsonl":
+        if not opts.data:
+            raise ValueError("--task jsonl needs --data PATH (a .jsonl file with one JSON object per line)")
+        kwargs = {"path": opts.data, "prompt_field": opts.prompt_field, "response_field": opts.response_field}
+    elif opts.data:
+        raise ValueError(f"--data is for --task jsonl; task {opts.task!r} reads its files from --data-dir")
     task = get_task(opts.task, data_dir=opts.data_dir, **kwargs)
     examples = task.load(opts.train_split or task.train_split, limit=opts.limit)
     if not examples:
@@ -166,8 +225,118 @@ def _schedule(opts: TrainOptions):
                           masks_path=opts.masks, seed=opts.seed)
 
 
+RUN_CONFIG = "run_config.json"
+TOTALS_FILE = "rosa_run_totals.json"  # in each checkpoint: loss sum and time of the whole run up to it
+# the options that fix an epoch-based run's length (compared with a finished run's when --max-steps is not given)
+_LENGTH_KEYS = ("task", "data", "data_dir", "train_split", "limit", "epochs", "max_steps", "batch_size",
+                "grad_accum", "max_seq_len")
+
+
+def _final_weights_present(out: str, method: str) -> bool:
+    names = (("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin") if method == "fft"
+             else ("adapter_model.safetensors",))
+    return any(os.path.isfile(os.path.join(out, n)) for n in names)
+
+
+def finished_run(opts: TrainOptions, out: str) -> Optional[dict]:
+    """The ``run_config.json`` of a finished run in ``out`` that ``opts`` asks no further steps of, else None.
+
+    Finished: ``run_config.json`` (written last) and the final weights are there, and its ``global_steps``
+    reaches ``opts.max_steps`` (or, without ``--max-steps``, the run had the same length options)."""
+    path = os.path.join(out, RUN_CONFIG)
+    if not os.path.isfile(path) or not _final_weights_present(out, opts.method):
+        return None
+    try:
+        done = read_json_object(path)
+    except (OSError, ValueError):
+        return None
+    steps = done.get("global_steps")
+    if not isinstance(steps, int) or isinstance(steps, bool):
+        return None
+    if opts.max_steps > 0:
+        return done if steps >= opts.max_steps else None
+    same_length = all(done.get(k) == getattr(opts, k, None) for k in _LENGTH_KEYS)
+    return done if same_length else None
+
+
+def _checkpointing_args(enabled: bool) -> dict:
+    """TrainingArguments for activation checkpointing under the name this transformers takes without a
+    FutureWarning (``activation_checkpointing`` from v5, ``gradient_checkpointing`` before); non-reentrant."""
+    from transformers import TrainingArguments
+
+    name = ("activation_checkpointing" if "activation_checkpointing" in
+            {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing")
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}} if enabled else {name: False}
+
+
+def _resume_totals(checkpoints_dir: str) -> Optional[dict]:
+    """The whole-run totals saved in the checkpoint a resume starts from; None if there are none."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt = get_last_checkpoint(checkpoints_dir) if os.path.isdir(checkpoints_dir) else None
+    if ckpt is None or not os.path.isfile(os.path.join(ckpt, TOTALS_FILE)):
+        return None
+    try:
+        totals = read_json_object(os.path.join(ckpt, TOTALS_FILE))
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(totals.get("global_step"), int)
+          and all(isinstance(totals.get(k), (int, float)) for k in ("loss_sum", "train_time_s")))
+    return totals if ok else None
+
+
+def _run_totals_callback(base: Optional[dict]):
+    from transformers import TrainerCallback
+
+    class RunTotals(TrainerCallback):
+        """Loss sum and wall time of the whole run (every session of it), saved into each checkpoint.
+
+        The loss sum of this session is the Trainer's running total (``_total_loss_scalar``, reset by
+        each ``train()``), complete at a checkpoint because a saving step is also made a logging step."""
+
+        def __init__(self):
+            self.trainer = None
+            self.base = base
+            self.start_step = 0
+            self.t0 = time.time()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_step = state.global_step  # the last call is the main phase (after any warm-up)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save:
+                control.should_log = True
+            return control
+
+        def session_loss_sum(self) -> float:
+            return float(getattr(self.trainer, "_total_loss_scalar", 0.0))
+
+        def totals(self, global_step: int) -> tuple[int, float, float]:
+            """(steps, loss sum, seconds) covered: the whole run, or only this session without base totals."""
+            elapsed = time.time() - self.t0
+            if self.base is not None and self.base["global_step"] == self.start_step:
+                return (global_step, self.base["loss_sum"] + self.session_loss_sum(),
+                        self.base["train_time_s"] + elapsed)
+            return global_step - self.start_step, self.session_loss_sum(), elapsed
+
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if not state.is_world_process_zero or not os.path.isdir(ckpt):
+                return
+            steps, loss_sum, seconds = self.totals(state.global_step)
+            if steps != state.global_step:  # resumed without totals: cannot speak for the whole run
+                return
+            atomic_write_text(os.path.join(ckpt, TOTALS_FILE), json.dumps(
+                {"global_step": state.global_step, "loss_sum": loss_sum, "train_time_s": seconds}) + "\n")
+
+    return RunTotals()
+
+
 def run_training(opts: TrainOptions) -> dict:
-    """Train, write the run directory, return the summary written to ``run_config.json``."""
+    """Train, write the run directory, return the summary written to ``run_config.json``.
+
+    With ``opts.resume`` on a finished run (see :func:`finished_run`) nothing is trained or written: it
+    says so and returns the stored summary with ``already_complete: True`` added."""
     from transformers import TrainingArguments
 
     from ..masks import save_masks
@@ -180,7 +349,14 @@ def run_training(opts: TrainOptions) -> dict:
     schedule = _schedule(opts)
     out = os.path.abspath(opts.output_dir)
     main = is_main_process()
-    if main and os.path.isdir(out) and os.listdir(out) and not opts.resume:
+    if opts.resume:
+        done = finished_run(opts, out)
+        if done is not None:
+            if main:
+                print(f"run in {out} is already complete ({done['global_steps']} steps); nothing to do", flush=True)
+            return {**done, "already_complete": True}
+    if (main and os.path.isdir(out) and not opts.resume
+            and any(not is_temp_name(n) for n in os.listdir(out))):
         raise FileExistsError(f"output directory {out} is not empty (pass --resume to continue it, or choose another)")
     torch.manual_seed(opts.seed)
     model, tokenizer, r, d = _build_model(opts)
@@ -191,6 +367,8 @@ def run_training(opts: TrainOptions) -> dict:
     created = main and not os.path.isdir(out)
     if main:
         os.makedirs(out, exist_ok=True)
+        for path in remove_stale_temp_files(out):
+            log.info("removed %s, a temporary file left by a killed earlier run", path)
     try:
         metrics = MetricsWriter(os.path.join(out, "metrics.jsonl"), append=opts.resume, enabled=main)
         args = TrainingArguments(
@@ -201,14 +379,20 @@ def run_training(opts: TrainOptions) -> dict:
             save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500,
             seed=opts.seed, data_seed=opts.seed, bf16=opts.bf16, use_cpu=not torch.cuda.is_available(),
             report_to=[], disable_tqdm=not opts.progress, remove_unused_columns=False,
-            gradient_checkpointing=opts.gradient_checkpointing, dataloader_num_workers=0,
+            dataloader_num_workers=0, **_checkpointing_args(opts.gradient_checkpointing),
         )
         trainer = RosaTrainer(model=model, args=args, train_dataset=train_ds, data_collator=Collator(tokenizer),
                               schedule=schedule, lora_lr=opts.lora_lr, phase_listener=metrics.phase,
                               callbacks=[metrics])
-        t0 = time.time()
+        totals = _run_totals_callback(_resume_totals(args.output_dir) if opts.resume else None)
+        totals.trainer = trainer
+        trainer.add_callback(totals)
+        totals.t0 = time.time()
         result = trainer.train(resume_from_checkpoint=True if opts.resume else None)
-        elapsed = time.time() - t0
+        counted, loss_sum, seconds = totals.totals(result.global_step)
+        if counted != result.global_step:
+            log.warning("the checkpoint resumed from has no %s: train_loss and train_time_s cover only the %d "
+                        "steps of this session", TOTALS_FILE, counted)
         if isinstance(model, RosaModel):
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         else:
@@ -217,7 +401,8 @@ def run_training(opts: TrainOptions) -> dict:
             **{k: v for k, v in dataclasses.asdict(opts).items() if k != "extra"},
             "r": r, "density": d, "trainable_params": trainable, "schedule": schedule.to_dict(),
             "train_examples": len(train_ds), "dropped_examples": getattr(train_ds, "n_dropped", None),
-            "train_loss": result.training_loss, "global_steps": result.global_step, "train_time_s": round(elapsed, 2),
+            "train_loss": loss_sum / counted if counted > 0 else result.training_loss,
+            "global_steps": result.global_step, "train_time_s": round(seconds, 2),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             **opts.extra,
         }
@@ -231,8 +416,9 @@ def run_training(opts: TrainOptions) -> dict:
         else:
             model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
-        atomic_write_text(os.path.join(out, "run_config.json"), json.dumps(summary, indent=2, default=str) + "\n")
         plot_loss(metrics.path, os.path.join(out, "loss.png"), title=f"{opts.method} on {opts.task}")
+        # last: its presence marks a finished run (see finished_run)
+        atomic_write_text(os.path.join(out, RUN_CONFIG), json.dumps(summary, indent=2, default=str) + "\n")
         return summary
     except BaseException:
         if created and not opts.save_steps:  # nothing worth resuming: leave no partial directory

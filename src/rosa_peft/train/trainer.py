@@ -6,6 +6,14 @@ optimizer and LR schedule, LoRA + sparse from step 0]. Checkpoints hold the adap
 json), the masks and the schedule position, so ``train(resume_from_checkpoint=...)`` picks up the
 masks and continues the restarted run exactly; warm-up steps are never checkpointed (they are cheap
 and deterministic, and their LoRA weights are thrown away anyway).
+
+Divergence stops the run where it happens: a NaN/inf loss (checked on every micro-batch, before the
+Trainer's ``logging_nan_inf_filter`` could replace it by the running mean) or gradient norm (checked
+after accumulation, before the optimizer step) raises :class:`NonFiniteLossError` naming the optimizer
+step (1-based, as ``metrics.jsonl`` counts) and the phase; no checkpoint of that step is written. A loss
+stuck at the uniform-prediction level (>= 0.98·ln(vocab size)) with a zero gradient norm for
+``DEAD_LOGS`` logged steps in a row is a dead model: warned once. Under DDP the failing rank raises and
+the launcher (``torchrun``) stops the others.
 """
 from __future__ import annotations
 
@@ -28,6 +36,71 @@ log = logging.getLogger("rosa_peft.train")
 
 MASKS_FILE = "masks.safetensors"
 SCHEDULE_FILE = "rosa_schedule.json"
+
+
+DEAD_LOGS = 3  # logged steps in a row at loss >= DEAD_LOSS_FRACTION·ln|V| with grad_norm 0 before the warning
+DEAD_LOSS_FRACTION = 0.98
+
+
+class NonFiniteLossError(ValueError):
+    """Training hit a NaN/inf loss or gradient norm; ``step`` is the optimizer step (1-based) it happened in."""
+
+    def __init__(self, what: str, value: float, step: int, phase: Optional[str] = None):
+        self.what, self.value, self.step, self.phase = what, value, step, phase
+        where = f" ({phase} phase)" if phase else ""
+        super().__init__(f"non-finite {what} ({_fmt(value)}) at step {step}{where}; training stopped")
+
+
+def _fmt(value: float) -> str:
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _as_float(value) -> Optional[float]:
+    if value is None:
+        return None
+    if torch.is_tensor(value):
+        return float(value.detach().float().reshape(-1)[0]) if value.numel() == 1 else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _vocab_size(model) -> Optional[int]:
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) and size > 1 else None
+
+
+class _DivergenceCallback(TrainerCallback):
+    """Second line behind the per-step checks (a logged NaN/inf from any path stops the run before that
+    step's checkpoint is saved) and the dead-model warning."""
+
+    def __init__(self, trainer: "RosaTrainer"):
+        self.trainer = trainer
+        self.dead_logs = 0
+        self.warned = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return control
+        loss, norm = _as_float(logs.get("loss")), _as_float(logs.get("grad_norm"))
+        for what, value in (("loss", loss), ("gradient norm", norm)):
+            if value is not None and not math.isfinite(value):
+                raise NonFiniteLossError(what, value, state.global_step, self.trainer.phase)
+        vocab = _vocab_size(self.trainer.model)
+        if loss is None or norm is None or vocab is None:
+            return control
+        if loss >= DEAD_LOSS_FRACTION * math.log(vocab) and norm == 0.0:
+            self.dead_logs += 1
+        else:
+            self.dead_logs = 0
+        if self.dead_logs >= DEAD_LOGS and not self.warned:
+            self.warned = True
+            log.warning("training looks diverged to a dead model: loss %.4f >= %.2f·ln(vocab size %d) = %.4f with "
+                        "gradient norm 0 for %d logged steps in a row (step %d%s); lower the learning rate",
+                        loss, DEAD_LOSS_FRACTION, vocab, DEAD_LOSS_FRACTION * math.log(vocab), self.dead_logs,
+                        state.global_step, f", {self.trainer.phase} phase" if self.trainer.phase else "")
+        return control
 
 
 class _PhaseCallback(TrainerCallback):
@@ -55,6 +128,24 @@ class RosaTrainer(Trainer):
         self.phase_listener = phase_listener
         self._scheduler_total_steps: Optional[int] = None
         self.add_callback(_PhaseCallback(self))
+        self.add_callback(_DivergenceCallback(self))
+
+    # ---- divergence --------------------------------------------------------------------------------
+    def _check_finite(self, what: str, value) -> None:
+        x = _as_float(value)
+        if x is not None and not math.isfinite(x):
+            raise NonFiniteLossError(what, x, self.state.global_step + 1, self.phase)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        self._check_finite("loss", loss)  # before the Trainer's nan/inf filter can hide it
+        return loss
+
+    def _get_grad_norm(self, model, *args, **kwargs):
+        # transformers >= 5: the pre-clip norm of the accumulated gradients, just before the optimizer step
+        norm = super()._get_grad_norm(model, *args, **kwargs)
+        self._check_finite("gradient norm", norm)
+        return norm
 
     # ---- optimizer / LR schedule ----------------------------------------------------------------
     def create_optimizer(self, model=None):
