@@ -207,3 +207,17 @@ def test_op_shapes_are_deduplicated():
     from rosa_peft.bench.command import _op_shapes
 
     assert _op_shapes(["smollm2-135m", "576x576"], None) == [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+
+
+def test_speed_suites_write_a_row_file(tmp_path, monkeypatch):
+    """--suite eval / train call the end-to-end speed functions and write their rows as JSON + markdown."""
+    from rosa_peft.bench import eval_speed, train_speed
+    from rosa_peft.cli import main
+
+    monkeypatch.setattr(eval_speed, "run_eval_speed", lambda **kw: {"ratio": 0.95, "rosa_tokens_per_s": 30.0})
+    monkeypatch.setattr(train_speed, "run_train_speed",
+                        lambda **kw: {"rows": [{"variant": "after", "s_per_example_train": 1.2}], "raw": {}})
+    for suite, needle in (("eval", "0.95"), ("train", "1.2")):
+        assert main(["bench", "--suite", suite, "--output-dir", str(tmp_path), "--no-progress"]) == 0
+        assert needle in (tmp_path / f"{suite}-speed.md").read_text()
+        assert (tmp_path / f"{suite}-speed.json").is_file()

@@ -43,7 +43,7 @@ def test_eval_with_adapter_writes_report_into_run_dir(tiny_run, capsys):
     assert (status, err) == (0, None)
     report = json.loads((run / "eval-sql-synth-test.json").read_text())
     assert report["format"] == "rosa-eval/1" and report["task"] == "sql-synth" and report["split"] == "test"
-    assert report["model"]["adapter"] == str(run) and report["model"]["merged"] is False
+    assert report["model"]["adapter"] == str(run) and report["model"]["merged"] is True  # float base: merged
     assert report["summary"]["n"] == 3 and report["summary"]["primary_metric"] == "execution"
     for i, ex in enumerate(report["examples"]):
         assert ex["index"] == i and ex["prompt"].endswith("\n\n answer: ")

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from rosa_peft.function import rosa_linear
-from rosa_peft.layer import FLOAT_LINEAR, MergedSource, SpAddSource
+import dataclasses
+
+from rosa_peft.layer import FLOAT_LINEAR, MergedSource, QuantSpmmSource, SpAddSource
 from rosa_peft.sparse import SparseAdapter, add_into
 
 OUT, IN, R = 13, 11, 3
@@ -40,11 +42,24 @@ def _reference(x, w0, b, a, bb, sp, vals, scaling, keep, p):
     return out
 
 
+def _matmul(w, x, dtype):
+    return x @ w.to(dtype).t()
+
+
+def _matmul_t(w, g, dtype, acc=None):
+    return g @ w.to(dtype) if acc is None else acc.addmm_(g, w.to(dtype))
+
+
+# a base kind with its own matmuls and no in-place merge: what the spmm source (4-bit bases) runs on
+MATMUL_KIND = dataclasses.replace(FLOAT_LINEAR, name="matmul-test", supports_merged=False,
+                                  matmul=_matmul, matmul_t=_matmul_t)
+
+
 @pytest.mark.parametrize("r,density", [(R, 0.3), (0, 0.3), (R, 0.0)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
-@pytest.mark.parametrize("impl", ["merged", "sp_add"])
+@pytest.mark.parametrize("impl", ["merged", "sp_add", "spmm"])
 def test_gradients_match_dense_reference(r, density, bias, ndim, dropout, impl):
     if r == 0 and dropout:
         pytest.skip("dropout only touches the LoRA branch")
@@ -63,7 +78,8 @@ def test_gradients_match_dense_reference(r, density, bias, ndim, dropout, impl):
     weight = w0.clone()
     if impl == "merged" and sp is not None:
         add_into(weight, sp, vals.detach())  # the base holds W0 + S in place
-    source = MergedSource(FLOAT_LINEAR) if impl == "merged" else SpAddSource(FLOAT_LINEAR)
+    source = {"merged": MergedSource(FLOAT_LINEAR), "sp_add": SpAddSource(FLOAT_LINEAR),
+              "spmm": QuantSpmmSource(MATMUL_KIND)}[impl]
 
     torch.manual_seed(123)
     out = rosa_linear(x, weight, b, a, bb, vals, source, sp, scaling, dropout)
@@ -81,10 +97,11 @@ def test_gradients_match_dense_reference(r, density, bias, ndim, dropout, impl):
         assert torch.allclose(g1, g2, atol=1e-10, rtol=0), name
 
 
-def test_gradcheck_all_inputs():
+@pytest.mark.parametrize("impl", ["sp_add", "spmm"])
+def test_gradcheck_all_inputs(impl):
     w0, b, a, bb, sp, vals = _setup(R, 0.3, True)
     x = torch.randn(4, IN, dtype=torch.float64, requires_grad=True)
-    src = SpAddSource(FLOAT_LINEAR)
+    src = SpAddSource(FLOAT_LINEAR) if impl == "sp_add" else QuantSpmmSource(MATMUL_KIND)
     fn = lambda x, b, a, bb, v: rosa_linear(x, w0, b, a, bb, v, src, sp, 0.5, 0.0)  # noqa: E731
     args = (x, b.requires_grad_(), a.requires_grad_(), bb.requires_grad_(), vals.clone().requires_grad_())
     assert torch.autograd.gradcheck(fn, args)

@@ -127,3 +127,32 @@ def test_scatter_write_gather_spmm():
 def test_mask_to_csr_rejects_non_2d():
     with pytest.raises(ValueError, match="2-D"):
         mask_to_csr(torch.ones(2, 2, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_spmm_and_transposed_spmm_match_dense(dtype):
+    from rosa_peft.sparse import ops, spmm, spmm_t
+
+    g = torch.Generator().manual_seed(5)
+    out_f, in_f, t = 37, 23, 9
+    mask = torch.rand(out_f, in_f, generator=g) < 0.2
+    mask[:, 4] = False  # an empty column of S = an empty row of Sᵀ
+    mask[7] = False
+    sp = SparseAdapter(out_f, in_f, dtype=torch.float64)
+    sp.set_mask(mask, torch.randn(int(mask.sum()), dtype=torch.float64, generator=g))
+    dense = sp.to_dense()
+    x = torch.randn(t, in_f, dtype=torch.float64, generator=g)
+    go = torch.randn(t, out_f, dtype=torch.float64, generator=g)
+    vals = sp.values.detach().to(dtype)
+    dense = torch.zeros(out_f * in_f, dtype=torch.float64).index_put((sp.flat_indices(),), vals.double()).view(out_f, in_f)
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    y = spmm(x.to(dtype), sp, vals, out_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    assert y.shape == (t, out_f) and torch.allclose(y.double(), x.to(dtype).double() @ dense.t(), atol=tol)
+    dx = spmm_t(go.to(dtype), sp, vals)
+    assert dx.dtype == dtype and dx.shape == (t, in_f)
+    assert torch.allclose(dx.double(), go.to(dtype).double() @ dense, rtol=1e-2, atol=tol)
+    crow, col, perm = ops.csr_transposed(sp)
+    assert crow.shape == (in_f + 1,) and int(crow[5] - crow[4]) == 0
+    assert ops.csr_transposed(sp)[2] is perm  # cached per mask
+    empty = SparseAdapter(out_f, in_f, dtype=torch.float32)
+    assert torch.equal(spmm_t(go.float(), empty, empty.values), torch.zeros(t, in_f))

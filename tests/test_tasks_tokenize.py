@@ -141,3 +141,82 @@ def test_embedded_tokenizer_on_builtin_task():
         assert n_prompt < 80
         assert feature["input_ids"][-1] == tokenizer.eos_token_id
         assert tokenizer.decode(feature["input_ids"][n_prompt:-1]) == example.response
+
+
+# ---- tokenization cache and dynamic padding (issue #14) ---------------------------------------------
+CACHE_EXAMPLES = [Example("a b c", "d e", {}), Example("a b c d e f", "g", {}), Example("b", "c d e f g h", {}),
+                  {"prompt": "k", "response": "l a"}]
+
+
+def _plain(ds):
+    return ([dict(f) for f in ds.features], ds.n_total, ds.n_dropped, ds.n_truncated,
+            [(e.prompt, e.response) for e in ds.examples])
+
+
+def test_cached_tokenization_equals_fresh(tok, tmp_path, monkeypatch):
+    from rosa_peft.tasks import tokenize as T
+
+    monkeypatch.setattr(T, "_MEMORY_CACHE", {})
+    fresh = build_dataset(CACHE_EXAMPLES, tok, max_seq_len=6)
+    assert fresh.n_dropped == 1 and fresh.n_truncated == 2  # both paths are exercised
+    first = build_dataset(CACHE_EXAMPLES, tok, max_seq_len=6, cache=tmp_path)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1
+    from_memory = build_dataset(CACHE_EXAMPLES, tok, max_seq_len=6, cache=tmp_path)
+    T._MEMORY_CACHE.clear()
+    from_disk = build_dataset(CACHE_EXAMPLES, tok, max_seq_len=6, cache=tmp_path)
+    for ds in (first, from_memory, from_disk):
+        assert _plain(ds) == _plain(fresh)
+    from_memory.features[0]["input_ids"].append(99)  # a caller's edit does not leak into the cache
+    assert _plain(build_dataset(CACHE_EXAMPLES, tok, max_seq_len=6, cache=tmp_path)) == _plain(fresh)
+
+
+def test_cache_key_covers_texts_max_seq_len_and_tokenizer(tok, tmp_path, monkeypatch):
+    from rosa_peft.tasks import tokenize as T
+
+    monkeypatch.setattr(T, "_MEMORY_CACHE", {})
+    build_dataset(CACHE_EXAMPLES, tok, max_seq_len=6, cache=tmp_path)
+    changed = [Example("a b c", "d f", {})] + CACHE_EXAMPLES[1:]
+    assert _plain(build_dataset(changed, tok, max_seq_len=6, cache=tmp_path)) == _plain(
+        build_dataset(changed, tok, max_seq_len=6))
+    assert _plain(build_dataset(CACHE_EXAMPLES, tok, max_seq_len=8, cache=tmp_path)) == _plain(
+        build_dataset(CACHE_EXAMPLES, tok, max_seq_len=8))
+    other = _tokenizer(with_pad=False)
+    other.add_tokens(["zz"])  # a different definition of the tokenizer
+    assert T._cache_key(other, CACHE_EXAMPLES, 6) != T._cache_key(tok, CACHE_EXAMPLES, 6)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+
+
+def test_damaged_cache_file_is_ignored_and_rewritten(tok, tmp_path, monkeypatch):
+    from rosa_peft.tasks import tokenize as T
+
+    monkeypatch.setattr(T, "_MEMORY_CACHE", {})
+    fresh = build_dataset(CACHE_EXAMPLES, tok, max_seq_len=6, cache=tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    path.write_bytes(b"not a safetensors file")
+    T._MEMORY_CACHE.clear()
+    assert _plain(build_dataset(CACHE_EXAMPLES, tok, max_seq_len=6, cache=tmp_path)) == _plain(fresh)
+    T._MEMORY_CACHE.clear()
+    assert _plain(build_dataset(CACHE_EXAMPLES, tok, max_seq_len=6, cache=tmp_path)) == _plain(fresh)
+
+
+def test_dynamic_padding_gives_the_same_loss_as_full_padding(tok):
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama()
+    ds = build_dataset(CACHE_EXAMPLES, tok, max_seq_len=16)
+    feats = ds.features[:3]
+    dynamic = Collator(tok)(feats)
+    full = Collator(tok, pad_to_multiple_of=16)(feats)
+    assert dynamic["input_ids"].shape[1] == max(len(f["input_ids"]) for f in feats) < full["input_ids"].shape[1] == 16
+    with torch.no_grad():
+        a, b = model(**dynamic).loss, model(**full).loss
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_length_grouped_sampling_only_with_several_examples_per_batch():
+    from rosa_peft.train.run import _sampling_args
+
+    assert _sampling_args(1) == {}
+    args = _sampling_args(4)
+    assert args in ({"train_sampling_strategy": "group_by_length"}, {"group_by_length": True})

@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 from .io import atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
-IMPLS = ("auto", "merged", "sp_add")
+IMPLS = ("auto", "merged", "sp_add", "spmm")
 ADAPTER_DTYPES = (None, "float32", "bfloat16", "float16", "float64")
 BIAS = ("none",)
 # keys a saved adapter_config.json must state: their defaults would silently change what the adapter computes
@@ -43,8 +43,9 @@ class RosaConfig:
         adapter_dtype: dtype of A, B and the sparse values; ``None`` keeps the base weight's float dtype.
             The default ``"float32"`` matches PEFT's autocast of adapter weights.
         impl: ``"merged"`` keeps ``W0 + S`` inside the base weight (fast, float bases only),
-            ``"sp_add"`` adds ``S`` into a temporary copy per call (the reference's path, and the
-            only one for quantized bases); ``"auto"`` picks per layer.
+            ``"sp_add"`` adds ``S`` into a temporary copy per call (the reference's path),
+            ``"spmm"`` (4-bit bases only) runs the base's own 4-bit matmul plus an SpMM on S, never
+            building a dense ``W + S``; ``"auto"`` picks per layer (``sp_add`` on 4-bit bases).
         index_dtype: ``"int32"`` or ``"int16"`` for the sparse column indices (int16 only where the
             weight has at most 32767 columns).
         layers_to_transform: layer index, or list of indices, to adapt (as in PEFT): a target module is

@@ -5,8 +5,11 @@ Forward saves X once (plus the tiny X·Aᵀ and, with dropout, a bool keep-mask)
     dS = (dOᵀ·X) at the mask    (SDDMM; never a dense dW beyond one chunk)
     dX = dO·(W+S) + s·((dO·B)·A) ⊙ keep/(1-p)
 where Xd = X ⊙ keep/(1-p). Dropout touches the LoRA branch only and reuses the same keep-mask in
-backward. The dense W+S comes from a *weight source* (``layer.MergedSource`` / ``SpAddSource``): for the ``merged``
-implementation it is the base weight itself (no copy); for ``sp_add`` a temporary built per call.
+backward. Both products with W+S go through a *weight source* (``source.matmul`` for X·(W+S)ᵀ,
+``source.matmul_t`` for dO·(W+S)): for the ``merged`` implementation the dense W+S is the base weight
+itself (no copy); for ``sp_add`` a temporary built per call; for ``spmm`` (4-bit bases,
+``layer.QuantSpmmSource``) no dense W+S at all: the base's own 4-bit matmul plus an SpMM on S's CSR.
+Nothing de-quantised is ever saved for backward (only the 4-bit weight itself).
 """
 from __future__ import annotations
 
@@ -42,8 +45,7 @@ class RosaLinearFunction(torch.autograd.Function):
         in_f = x.shape[-1]
         x2 = x.reshape(-1, in_f)
         xc = x2 if x2.dtype == cdt else x2.to(cdt)
-        w = source.dense(weight, sp, values, cdt)
-        out = xc @ w.t()
+        out = source.matmul(xc, weight, sp, values, cdt)
         if bias is not None:
             out = out + bias.to(cdt)
         keep = None
@@ -95,8 +97,7 @@ class RosaLinearFunction(torch.autograd.Function):
                     dx_lora = dx_lora * keep * (1.0 / (1.0 - ctx.dropout_p))
                 dx = dx_lora
         if need_x:
-            w = ctx.source.dense(weight, ctx.sp, values, cdt)
-            dx = g @ w if dx is None else dx.addmm_(g, w)
+            dx = ctx.source.matmul_t(g, weight, ctx.sp, values, cdt, dx)
             dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         if need_vals and values is not None and values.numel():
             d_vals = sparse.sddmm(g, xc, ctx.sp).to(values.dtype)

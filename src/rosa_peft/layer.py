@@ -49,6 +49,10 @@ class BaseKind:
     supports_merged: bool
     compute_dtype: Callable[[nn.Module], torch.dtype]
     shape: Optional[Callable[[nn.Module], tuple]] = None  # (out, in); default: in_/out_features
+    # 4-bit bases: the base's own matmuls, (weight, x, dtype) -> x·Wᵀ and (weight, g, dtype, acc) -> acc + g·W,
+    # with no de-quantised weight outliving the call (QRoSA's ``spmm`` implementation)
+    matmul: Optional[Callable] = None
+    matmul_t: Optional[Callable] = None
 
 
 def _is_float_linear(m: nn.Module) -> bool:
@@ -124,7 +128,18 @@ def base_shape(kind: BaseKind, module: nn.Module) -> tuple:
 
 
 # ---- weight sources ------------------------------------------------------------------------------
-class MergedSource:
+class _DenseSource:
+    """A source that hands the fused Function a dense W (+ S): both products are plain GEMMs on it."""
+
+    def matmul(self, x, weight, sp, values, dtype):
+        return x @ self.dense(weight, sp, values, dtype).t()
+
+    def matmul_t(self, g, weight, sp, values, dtype, acc=None):
+        w = self.dense(weight, sp, values, dtype)
+        return g @ w if acc is None else acc.addmm_(g, w)
+
+
+class MergedSource(_DenseSource):
     """The base weight already holds W0 + S: use it as is."""
 
     def __init__(self, kind: BaseKind):
@@ -134,7 +149,7 @@ class MergedSource:
         return self.kind.to_dense(weight, dtype)
 
 
-class SpAddSource:
+class SpAddSource(_DenseSource):
     """Build W + S in a temporary (rounded in the base dtype, exactly as ``merged`` stores it)."""
 
     def __init__(self, kind: BaseKind):
@@ -151,12 +166,45 @@ class SpAddSource:
         return sparse.add_into(w, sp, values)
 
 
-class SparseOnlySource:
+class SparseOnlySource(_DenseSource):
     """S alone as a dense temporary (no base weight): the extra adapters of a multi-adapter forward."""
 
     def dense(self, weight, sp, values, dtype):
         w = torch.zeros(sp.shape, dtype=dtype, device=values.device)
         return sparse.add_into(w, sp, values)
+
+
+class QuantSpmmSource:
+    """4-bit bases without a dense ``W + S``: x·Wᵀ and g·W through the base kind's own 4-bit matmuls
+    (bounded, per-call de-quantisation), x·Sᵀ and g·S as SpMMs on the CSR (g·S over the cached transposed
+    structure), each added in float32 with a single rounding. ``dense`` (for callers that want W + S) is
+    ``SpAddSource``'s."""
+
+    def __init__(self, kind: BaseKind):
+        self.kind = kind
+
+    def dense(self, weight, sp, values, dtype):
+        return SpAddSource(self.kind).dense(weight, sp, values, dtype)
+
+    @staticmethod
+    def _has_sparse(sp, values) -> bool:
+        return sp is not None and values is not None and values.numel() > 0
+
+    def matmul(self, x, weight, sp, values, dtype):
+        out = self.kind.matmul(weight, x, dtype)
+        if self._has_sparse(sp, values):
+            out = out.add_(sparse.spmm(x, sp, values, out_dtype=_acc_dtype(dtype)))
+        return out
+
+    def matmul_t(self, g, weight, sp, values, dtype, acc=None):
+        acc = self.kind.matmul_t(weight, g, dtype, acc)
+        if self._has_sparse(sp, values):
+            acc = acc.add_(sparse.spmm_t(g, sp, values, out_dtype=_acc_dtype(dtype)))
+        return acc
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Backup(nn.Module):
@@ -271,7 +319,11 @@ class RosaLayer(nn.Module):
         r = config.rank_for(self.module_name)
         impl = config.impl
         if impl == "auto":
+            # 4-bit bases: sp_add (spmm is an option: on CPU its CSR SpMMs made it slower, see docs/qrosa.md)
             impl = "merged" if self.kind.supports_merged and not self.tied else "sp_add"
+        elif impl == "spmm" and self.kind.matmul is None:
+            raise ValueError(f"{self.module_name}: impl='spmm' needs a 4-bit base with its own matmul; "
+                             f"a {self.kind.name} base takes 'merged', 'sp_add' or 'auto'")
         elif impl == "merged" and not self.kind.supports_merged:
             raise ValueError(f"{self.module_name}: impl='merged' cannot edit a {self.kind.name} base in place; use 'sp_add' or 'auto'")
         elif impl == "merged" and self.tied:
@@ -620,7 +672,12 @@ class RosaLinear(RosaLayer):
         has_sparse = sp.has_mask
         dropout = self.lora_dropout[name] if self.training else 0.0
         if with_base:
-            source = MergedSource(self.kind) if self._held == name else SpAddSource(self.kind)
+            if self._held == name:
+                source = MergedSource(self.kind)
+            elif self.impl[name] == "spmm" and self.kind.matmul is not None:
+                source = QuantSpmmSource(self.kind)
+            else:
+                source = SpAddSource(self.kind)
             bias = getattr(self.base_layer, "bias", None)
         elif not has_sparse:  # LoRA alone: plain autograd
             a, b = self.lora_A[name], self.lora_B[name]

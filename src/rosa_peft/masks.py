@@ -101,7 +101,8 @@ def _loss_of(model, batch, loss_fn, index: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _scoring_state(model, adapter: str):
-    """Train mode, the adapter active, a forked RNG; afterwards modes, flags, grads and adapter as before."""
+    """Train mode, the adapter active, every parameter frozen, a forked RNG; afterwards modes, flags, grads
+    and adapter as before."""
     params = list(model.parameters())
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in params]
@@ -112,6 +113,11 @@ def _scoring_state(model, adapter: str):
         if adapter != previous:
             model.set_adapter(adapter)
         model.train()
+        # Scoring needs only dO of each scored layer (reached through the collector's zero-leaf taps), never
+        # a parameter gradient: with every parameter frozen, backward skips the LoRA / sparse / bias grads
+        # (and the dropout-mask recomputation they need). Forward values and dO are unchanged.
+        for p in params:
+            p.requires_grad_(False)
         with torch.random.fork_rng(devices=cuda), torch.enable_grad():
             yield
     finally:

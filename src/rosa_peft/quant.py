@@ -91,8 +91,15 @@ def _torchao_kind(nf4) -> BaseKind:
         # a fresh tensor in the NF4 tensor's own dtype (as torchao's linear_nf4 de-quantises), then cast
         return w.get_original_weight().to(dtype)
 
+    def matmul(w, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x @ to_dense(w, dtype).t()  # torchao's linear_nf4: de-quantise per call, one GEMM
+
+    def matmul_t(w, g: torch.Tensor, dtype: torch.dtype, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
+        deq = to_dense(w, dtype)
+        return g @ deq if acc is None else acc.addmm_(g, deq)
+
     return BaseKind(name=TORCHAO_KIND, matches=matches, weight=lambda m: m.weight, to_dense=to_dense,
-                    supports_merged=False, compute_dtype=lambda m: m.weight.dtype)
+                    supports_merged=False, compute_dtype=lambda m: m.weight.dtype, matmul=matmul, matmul_t=matmul_t)
 
 
 def _bnb_quant_state(w):
@@ -119,15 +126,80 @@ def _bnb_unpack_cpu(packed: torch.Tensor, qs) -> torch.Tensor:
     return qs.code.to(device=packed.device, dtype=torch.float32)[codes.long()].mul_(scale)
 
 
+# Rows of the weight de-quantised at once by the QRoSA matmuls (bounded temporaries; elements).
+DEQUANT_CHUNK_ELEMENTS = 1 << 22
+
+
+def _bnb_scales(bnb, qs) -> torch.Tensor:
+    """float32 per-block scales, double quantization resolved (a few MB at 7B shapes; per call)."""
+    if qs.nested:
+        return (bnb.functional.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset).float()
+    return qs.absmax.float()
+
+
+def _bnb_row_chunks(bnb, w, dtype: torch.dtype):
+    """Yield (lo, hi, W[lo:hi] de-quantised in ``dtype``) through bitsandbytes' own 4-bit de-quantisation
+    op, a bounded chunk of rows at a time: no full dense weight ever exists. Falls back to one chunk for
+    layouts the chunking cannot slice (CPU inference packing, rows not a whole number of blocks)."""
+    qs = _bnb_quant_state(w)
+    n, k = qs.shape
+    bs = qs.blocksize
+    if getattr(qs, "packing_format_for_cpu", False) or k % bs or qs.quant_type not in ("nf4", "fp4"):
+        yield 0, n, _bnb_kind_to_dense(bnb, w, dtype)
+        return
+    packed = w.data.reshape(-1)
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)
+    scales = _bnb_scales(bnb, qs)
+    step = max(1, DEQUANT_CHUNK_ELEMENTS // k)
+    per_row = k // bs
+    deq = torch.ops.bitsandbytes.dequantize_4bit.default
+    qdtype = getattr(qs, "dtype", dtype)
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        c = deq(packed[lo * k // 2: hi * k // 2], scales[lo * per_row: hi * per_row], bs, qs.quant_type,
+                (hi - lo, k), qdtype)
+        yield lo, hi, (c if c.dtype == dtype else c.to(dtype))
+
+
+def _bnb_kind_to_dense(bnb, w, dtype: torch.dtype) -> torch.Tensor:
+    qs = _bnb_quant_state(w)
+    if getattr(qs, "packing_format_for_cpu", False):
+        return _bnb_unpack_cpu(w.data, qs).to(getattr(qs, "original_dtype", qs.dtype)).to(dtype)
+    return bnb.functional.dequantize_4bit(w.data, qs).to(dtype)
+
+
+def _chunked_matmul(chunks):
+    """x·Wᵀ and g·W over row chunks of W (each chunk a temporary that dies in the loop)."""
+
+    def matmul(w, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out = None
+        for lo, hi, c in chunks(w, dtype):
+            if out is None:
+                if lo == 0 and hi == _rows(w):  # a single chunk: no output copy
+                    return x @ c.t()
+                out = x.new_empty(x.shape[0], _rows(w), dtype=dtype)
+            out[:, lo:hi] = x @ c.t()
+        return out
+
+    def matmul_t(w, g: torch.Tensor, dtype: torch.dtype, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
+        for lo, hi, c in chunks(w, dtype):
+            gc = g[:, lo:hi]
+            acc = gc @ c if acc is None else acc.addmm_(gc, c)
+        return acc
+
+    return matmul, matmul_t
+
+
+def _rows(w) -> int:
+    return int(_bnb_quant_state(w).shape[0])
+
+
 def _bnb_kind(bnb) -> BaseKind:
     Linear4bit = bnb.nn.Linear4bit
-    dequantize_4bit = bnb.functional.dequantize_4bit
 
     def to_dense(w, dtype: torch.dtype) -> torch.Tensor:
-        qs = _bnb_quant_state(w)
-        if getattr(qs, "packing_format_for_cpu", False):
-            return _bnb_unpack_cpu(w.data, qs).to(getattr(qs, "original_dtype", qs.dtype)).to(dtype)
-        return dequantize_4bit(w.data, qs).to(dtype)
+        return _bnb_kind_to_dense(bnb, w, dtype)
 
     def compute_dtype(m: nn.Module) -> torch.dtype:
         if getattr(m, "compute_dtype", None) is not None:
@@ -135,8 +207,10 @@ def _bnb_kind(bnb) -> BaseKind:
         qs = _bnb_quant_state(m.weight)
         return getattr(qs, "original_dtype", None) or qs.dtype
 
+    matmul, matmul_t = _chunked_matmul(lambda w, dtype: _bnb_row_chunks(bnb, w, dtype))
     return BaseKind(name=BNB_KIND, matches=lambda m: isinstance(m, Linear4bit), weight=lambda m: m.weight,
-                    to_dense=to_dense, supports_merged=False, compute_dtype=compute_dtype)
+                    to_dense=to_dense, supports_merged=False, compute_dtype=compute_dtype,
+                    matmul=matmul, matmul_t=matmul_t)
 
 
 def _register(backend: str) -> bool:

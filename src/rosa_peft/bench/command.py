@@ -17,7 +17,7 @@ from . import methods as M
 from .ops import DEFAULT_DENSITIES
 from .shapes import PRESETS, resolve_preset
 
-SUITES = ("ops", "step", "all")
+SUITES = ("ops", "step", "all", "eval", "train")  # eval / train: end-to-end SmolLM2 rows (bench/*_speed.py)
 DEFAULT_SHAPES = "llama2-7b,smollm2-135m"
 _OP_SHAPE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -188,7 +188,37 @@ def validate(args) -> dict:
 
 
 # ---- run ------------------------------------------------------------------------------------------------
+def _run_speed(args) -> int:
+    """``--suite eval`` (rosa eval vs plain generate tokens/s) or ``--suite train`` (s per training example,
+    mask scoring / step): one JSON + markdown row file under --output-dir."""
+    import json
+
+    from ..io import atomic_write_text
+
+    data_dir = os.environ.get("ROSA_PEFT_DATA_DIR")
+    if args.suite == "eval":
+        from .eval_speed import run_eval_speed
+
+        result = run_eval_speed(data_dir=data_dir, dtype=args.dtype, num_threads=args.threads)
+    else:
+        from .train_speed import run_train_speed
+
+        result = run_train_speed(data_dir=data_dir, threads=args.threads or _usable_cores(), progress=not args.no_progress)
+    stem = args.name or f"{args.suite}-speed"
+    os.makedirs(args.output_dir, exist_ok=True)
+    atomic_write_text(os.path.join(args.output_dir, f"{stem}.json"), json.dumps(result, indent=2, default=str) + "\n")
+    rows = result.get("rows") or [{k: v for k, v in result.items() if not isinstance(v, (dict, list))}]
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]
+    md = [f"# rosa bench --suite {args.suite}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    md += ["| " + " | ".join(str(r.get(k)) for k in keys) + " |" for r in rows]
+    atomic_write_text(os.path.join(args.output_dir, f"{stem}.md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
 def run(args) -> int:
+    if args.suite in ("eval", "train"):
+        return _run_speed(args)
     cfg = validate(args)
     import torch
 

@@ -18,8 +18,9 @@ import torch
 from .shapes import LINEAR_NAMES, adapted_shapes
 
 STEP_METHODS = ("fft", "peft-lora", "peft-shira", "peft-supra", "lora", "spa", "rosa-merged", "rosa-sp_add")
-QUANT_METHODS = ("peft-qlora", "qlora", "qspa", "qrosa", "qlora-bnb", "qspa-bnb", "qrosa-bnb")
-_BNB_METHODS = ("peft-qlora", "qlora-bnb", "qspa-bnb", "qrosa-bnb")
+QUANT_METHODS = ("peft-qlora", "qlora", "qspa", "qrosa", "qrosa-spmm", "qlora-bnb", "qspa-bnb", "qrosa-bnb",
+                 "qrosa-bnb-spmm")
+_BNB_METHODS = ("peft-qlora", "qlora-bnb", "qspa-bnb", "qrosa-bnb", "qrosa-bnb-spmm")
 ALL_METHODS = STEP_METHODS + QUANT_METHODS
 REFERENCE = "peft-lora"
 
@@ -36,9 +37,11 @@ LABELS = {
     "qlora": "rosa-peft QLoRA (torchao NF4)",
     "qspa": "rosa-peft QSpA (torchao NF4)",
     "qrosa": "rosa-peft QRoSA (torchao NF4, sp_add)",
+    "qrosa-spmm": "rosa-peft QRoSA (torchao NF4, spmm)",
     "qlora-bnb": "rosa-peft QLoRA (bitsandbytes NF4)",
     "qspa-bnb": "rosa-peft QSpA (bitsandbytes NF4)",
     "qrosa-bnb": "rosa-peft QRoSA (bitsandbytes NF4, sp_add)",
+    "qrosa-bnb-spmm": "rosa-peft QRoSA (bitsandbytes NF4, spmm)",
 }
 
 
@@ -115,7 +118,7 @@ def requirement(method: str) -> Optional[str]:
     """None when ``method`` can run here, else a one-line reason."""
     if method.startswith("peft-") and not have("peft"):
         return "needs the 'peft' package (pip install rosa-peft[bench])"
-    if method in ("qlora", "qspa", "qrosa"):
+    if method in ("qlora", "qspa", "qrosa", "qrosa-spmm"):
         from .. import quant
 
         if not quant.backend_available("torchao"):
@@ -239,6 +242,14 @@ def _build_qrosa(model, budget):
     return _rosa(_quantized(model, "torchao"), budget, budget.rosa_rank, budget.rosa_density)
 
 
+def _build_qrosa_spmm(model, budget):
+    return _rosa(_quantized(model, "torchao"), budget, budget.rosa_rank, budget.rosa_density, "spmm")
+
+
+def _build_qrosa_bnb_spmm(model, budget):
+    return _rosa(_quantized(model, "bnb"), budget, budget.rosa_rank, budget.rosa_density, "spmm")
+
+
 def _build_qlora_bnb(model, budget):
     return _rosa(_quantized(model, "bnb"), budget, budget.lora_rank, 0.0)
 
@@ -256,7 +267,7 @@ BUILDERS: dict[str, Callable] = {
     "peft-supra": _build_peft_supra, "lora": _build_lora, "spa": _build_spa, "rosa-merged": _build_rosa_merged,
     "rosa-sp_add": _build_rosa_sp_add, "peft-qlora": _build_peft_qlora, "qlora": _build_qlora,
     "qspa": _build_qspa, "qrosa": _build_qrosa, "qlora-bnb": _build_qlora_bnb, "qspa-bnb": _build_qspa_bnb,
-    "qrosa-bnb": _build_qrosa_bnb,
+    "qrosa-bnb": _build_qrosa_bnb, "qrosa-spmm": _build_qrosa_spmm, "qrosa-bnb-spmm": _build_qrosa_bnb_spmm,
 }
 
 

@@ -22,7 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base model: HF id or local path (default: the embedded SmolLM2-135M-Instruct)")
     m.add_argument("--adapter", default=None, metavar="DIR", help="RoSA adapter / rosa train run directory "
                                                                  "(default: none, the base model alone)")
-    m.add_argument("--merge", action="store_true", help="merge the adapter into the weights before evaluating")
+    m.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge the adapter into the weights before evaluating (default: merge float bases, which "
+                        "generates faster with the same outputs; keep 4-bit bases unmerged, the paper's protocol)")
+    m.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads while generating (default: torch's own; 1 is fastest on a busy 2-core CPU)")
     m.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype")
     m.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     m.add_argument("--quantize", default="none", choices=QUANTIZE, help="nf4: 4-bit NF4 base model (QRoSA adapters)")
@@ -116,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     _positive("--eval-batch-size", args.eval_batch_size)
     _positive("--max-new-tokens", args.max_new_tokens)
     _positive("--limit", args.limit)
+    _positive("--threads", args.threads)
     if args.max_seq_len < 2:
         raise ValueError(f"--max-seq-len must be an integer >= 2, got {args.max_seq_len}")
     from .loading import check_adapter_dir, load_for_eval
@@ -151,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, info = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=device,
                                            merge=args.merge, quantize=quantize, quant_backend=args.quant_backend)
     report = evaluate(model, tokenizer, task, split=split, limit=args.limit, batch_size=args.eval_batch_size,
-                      protocol=protocol, examples=examples, progress=not args.no_progress, model_info=info)
+                      protocol=protocol, examples=examples, progress=not args.no_progress, model_info=info,
+                      num_threads=args.threads)
     write_report(report, output)
     print(format_summary(report))
     print(f"wrote {output}", file=sys.stderr)

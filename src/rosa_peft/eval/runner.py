@@ -44,7 +44,7 @@ def load_examples(task, split: Optional[str] = None, limit: Optional[int] = None
 def evaluate(model, tokenizer, task, *, split: Optional[str] = None, limit: Optional[int] = None,
              data_dir: Optional[str] = None, batch_size: int = 8, protocol: Optional[EvalProtocol] = None,
              examples: Optional[Sequence] = None, progress: bool = False, model_info: Optional[dict] = None,
-             **protocol_options) -> dict:
+             num_threads: Optional[int] = None, **protocol_options) -> dict:
     """Generate greedily on ``task``'s split (default: its eval split) and score every example.
 
     ``task`` is a name (``gsm8k``, ``viggo``, ``sql``, ``sql-synth``) or a Task (e.g. a ``jsonl`` task
@@ -52,7 +52,11 @@ def evaluate(model, tokenizer, task, *, split: Optional[str] = None, limit: Opti
     :func:`rosa_peft.eval.protocols.get_protocol` (``gsm8k_protocol``, ``sql_paper_prompt``,
     ``sql_case_insensitive``, ``sql_timeout_s``, ``stop``, ``max_new_tokens``, ``max_seq_len``). Pass
     ``examples`` (from :func:`load_examples`) to skip loading. A protocol with ``options["loss"]``
-    (jsonl) also reports ``summary["loss"]``, the mean loss per response token.
+    (jsonl) also reports ``summary["loss"]``, the mean loss per response token. ``num_threads`` sets
+    torch's intra-op threads while generating (None: leave them).
+
+    For speed, evaluate a merged model (``RosaModel.merge_and_unload()``, as ``load_for_eval`` does by
+    default for float bases): an unmerged adapter adds work to every generated token.
     """
     if examples is None:
         task_obj, split, examples = load_examples(task, split, limit, data_dir)
@@ -66,7 +70,7 @@ def evaluate(model, tokenizer, task, *, split: Optional[str] = None, limit: Opti
     t0 = time.time()
     generations = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=protocol.max_new_tokens,
                            stop=protocol.stop, add_special_tokens=protocol.add_special_tokens, progress=progress,
-                           desc=f"eval {task_name}")
+                           desc=f"eval {task_name}", num_threads=num_threads)
     records = score_all(protocol, examples, generations, prompts)
     summary = protocol.summarize(records)
     if protocol.options.get("loss"):

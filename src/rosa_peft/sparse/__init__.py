@@ -1,5 +1,5 @@
 """Sparse adapter storage and the ops RoSA needs, behind one dispatch point."""
-from .dispatch import add_into, choose, explain, gather_from, register, sddmm, spmm, write_into
+from .dispatch import add_into, choose, explain, gather_from, register, sddmm, spmm, spmm_t, write_into
 from .storage import SparseAdapter, coords_to_csr, index_dtype_for, mask_to_csr
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "register",
     "sddmm",
     "spmm",
+    "spmm_t",
     "write_into",
 ]

@@ -31,7 +31,7 @@ class Backend:
     note: str = ""
 
 
-_REGISTRY: dict[str, list[Backend]] = {"sddmm": [], "add_into": [], "write_into": [], "spmm": []}
+_REGISTRY: dict[str, list[Backend]] = {"sddmm": [], "add_into": [], "write_into": [], "spmm": [], "spmm_t": []}
 _TRITON_LOADED = False
 
 
@@ -115,6 +115,7 @@ _ALWAYS = lambda device, dtype, sp: True  # noqa: E731
 register("add_into", Backend("torch", ops.add_into, _ALWAYS, "index_add_ on the flat weight"))
 register("write_into", Backend("torch", ops.write_into, _ALWAYS, "index_copy_ on the flat weight"))
 register("spmm", Backend("torch", ops.spmm, _ALWAYS, "torch CSR matmul"))
+register("spmm_t", Backend("torch", ops.spmm_t, _ALWAYS, "torch CSR matmul over the transposed structure"))
 
 
 def add_into(dense: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
@@ -132,9 +133,22 @@ def write_into(dense: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> 
     return choose("write_into", dense.device.type, dense.dtype, sp).fn(dense, sp, values)
 
 
-def spmm(x: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
-    """x · Sᵀ for x (T, in) -> (T, out)."""
-    return choose("spmm", x.device.type, x.dtype, sp).fn(x, sp, values)
+def spmm(x: torch.Tensor, sp: SparseAdapter, values: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """x · Sᵀ for x (T, in) -> (T, out), in ``out_dtype`` (default ``x.dtype``)."""
+    return _call_spmm("spmm", x, sp, values, out_dtype)
+
+
+def spmm_t(grad_out: torch.Tensor, sp: SparseAdapter, values: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """grad_out · S for grad_out (T, out) -> (T, in), in ``out_dtype`` (default ``grad_out.dtype``)."""
+    return _call_spmm("spmm_t", grad_out, sp, values, out_dtype)
+
+
+def _call_spmm(op: str, a: torch.Tensor, sp: SparseAdapter, values: torch.Tensor, out_dtype) -> torch.Tensor:
+    backend = choose(op, a.device.type, a.dtype, sp)
+    if backend.fn in (ops.spmm, ops.spmm_t):  # the torch backends round once, straight into out_dtype
+        return backend.fn(a, sp, values, out_dtype=out_dtype)
+    res = backend.fn(a, sp, values)
+    return res if out_dtype is None or res.dtype == out_dtype else res.to(out_dtype)
 
 
 # Gather has a single torch implementation.

@@ -125,11 +125,43 @@ def gather_from(dense: torch.Tensor, sp: SparseAdapter) -> torch.Tensor:
     return dense.reshape(-1).index_select(0, sp.flat_indices())
 
 
-def spmm(x: torch.Tensor, sp: SparseAdapter, values: torch.Tensor) -> torch.Tensor:
-    """x · Sᵀ for x (T, in) -> (T, out), computed in at least float32 through a CSR matmul."""
+def spmm(x: torch.Tensor, sp: SparseAdapter, values: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """x · Sᵀ for x (T, in) -> (T, out), computed in at least float32 through a CSR matmul.
+
+    The result comes back in ``out_dtype`` (default: ``x.dtype``); pass the accumulation dtype to add
+    it into another result with a single rounding."""
     acc = _acc_dtype(x.dtype)
+    out_dtype = out_dtype or x.dtype
     if sp.nnz == 0:
-        return x.new_zeros(x.shape[0], sp.out_features)
+        return x.new_zeros(x.shape[0], sp.out_features, dtype=out_dtype)
     crow, col = _csr64(sp)
     s = _csr_tensor(crow, col, values.to(acc), size=sp.shape)
-    return (s @ x.to(acc).t()).t().to(x.dtype)
+    return (s @ _transposed(x, acc)).t().to(out_dtype)
+
+
+def csr_transposed(sp: SparseAdapter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CSR structure of Sᵀ (in, out), cached: (row_offsets int64, col_indices int64, perm) with
+    ``values[perm]`` the values of Sᵀ in its row-major order. Built once per mask (a stable sort)."""
+
+    def build():
+        rows = sp.row_indices()
+        cols = sp.col_indices.to(torch.int64)
+        perm = torch.sort(cols, stable=True).indices  # row-major order of Sᵀ: by column, then row
+        counts = torch.bincount(cols, minlength=sp.in_features)
+        crow = torch.zeros(sp.in_features + 1, dtype=torch.int64, device=cols.device)
+        crow[1:] = torch.cumsum(counts, 0)
+        return crow, rows.index_select(0, perm), perm
+
+    return sp._cached("csr_t", build)
+
+
+def spmm_t(grad_out: torch.Tensor, sp: SparseAdapter, values: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """grad_out · S for grad_out (T, out) -> (T, in), through a CSR matmul over the transposed structure
+    (:func:`csr_transposed`), in at least float32; result in ``out_dtype`` (default ``grad_out.dtype``)."""
+    acc = _acc_dtype(grad_out.dtype)
+    out_dtype = out_dtype or grad_out.dtype
+    if sp.nnz == 0:
+        return grad_out.new_zeros(grad_out.shape[0], sp.in_features, dtype=out_dtype)
+    crow, col, perm = csr_transposed(sp)
+    st = _csr_tensor(crow, col, values.to(acc).index_select(0, perm), size=(sp.in_features, sp.out_features))
+    return (st @ _transposed(grad_out, acc)).t().to(out_dtype)

@@ -80,7 +80,7 @@ def _load_trained(study: StudyConfig, cell: Cell, directory: str):
     from ..eval.loading import load_for_eval
 
     if cell.method != "fft":
-        return load_for_eval(study.model, adapter=directory)
+        return load_for_eval(study.model, adapter=directory, merge=False)  # as the committed cells were scored
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -6,10 +6,17 @@
 * an example whose prompt has ``max_seq_len`` tokens or more is dropped;
 * a response that does not fit keeps its *last* tokens (as llm-foundry's collator does,
   ``target[-n:]``) and its final token is forced to EOS.
+
+``build_dataset(..., cache=True)`` reuses an earlier encoding of the *same* examples (content-keyed: every
+prompt and response, the tokenizer's full definition, ``max_seq_len`` and the encoding version), from
+memory within a process and from ``$ROSA_PEFT_CACHE/tokenized/`` across runs.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -18,6 +25,9 @@ from torch.utils.data import Dataset
 from .base import Example, Task
 
 IGNORE_INDEX = -100
+_ENCODING_VERSION = "1"  # bump whenever _encode changes what it produces: old cache entries are then ignored
+_MEMORY_CACHE: Dict[str, tuple] = {}
+_MEMORY_CACHE_SIZE = 8
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +107,15 @@ class EncodedDataset(Dataset):
 
 
 def build_dataset(task_or_examples: Union[Task, str, Iterable[Example]], tokenizer, max_seq_len: int,
-                  split: Optional[str] = None, limit: Optional[int] = None) -> EncodedDataset:
+                  split: Optional[str] = None, limit: Optional[int] = None,
+                  cache: Union[bool, str, "os.PathLike[str]"] = False) -> EncodedDataset:
     """Encode a task's split (a Task, or a task name for :func:`get_task`) or a list of examples.
 
     Dropped examples are counted in ``n_dropped`` and logged. ``split`` only applies to tasks.
     An empty result from a non-empty input raises ValueError (a too-small ``max_seq_len``).
+    ``cache``: False (default) encodes afresh; True reuses an identical earlier encoding from memory or
+    from ``$ROSA_PEFT_CACHE/tokenized``; a path uses that folder instead. The key covers every prompt and
+    response, the tokenizer's full definition and ``max_seq_len``, so any change there encodes afresh.
     """
     if isinstance(task_or_examples, str):
         from .registry import get_task  # noqa: PLC0415 - avoid an import cycle
@@ -118,16 +132,27 @@ def build_dataset(task_or_examples: Union[Task, str, Iterable[Example]], tokeniz
                 raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
             examples = examples[:limit]
         source = "examples"
-    features: List[Dict[str, List[int]]] = []
-    kept: List[Example] = []
-    n_truncated = 0
-    for example in examples:
-        encoded, truncated = _encode(tokenizer, example, max_seq_len)
-        if encoded is None:
-            continue
-        n_truncated += int(truncated)
-        features.append(encoded)
-        kept.append(example if isinstance(example, Example) else Example(*_fields(example)))
+    key = _cache_key(tokenizer, examples, max_seq_len) if cache else None
+    hit = _cache_get(key, cache) if key else None
+    if hit is not None:
+        features, kept_index, n_truncated = hit
+        kept = [_as_example(examples[i]) for i in kept_index]
+    else:
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+        features, kept, kept_index, prompt_lens = [], [], [], []
+        n_truncated = 0
+        for i, example in enumerate(examples):
+            encoded, truncated = _encode(tokenizer, example, max_seq_len)
+            if encoded is None:
+                continue
+            n_truncated += int(truncated)
+            features.append(encoded)
+            kept.append(_as_example(example))
+            kept_index.append(i)
+            prompt_lens.append(encoded["labels"].count(IGNORE_INDEX))
+        if key:
+            _cache_put(key, cache, features, kept_index, prompt_lens, n_truncated)
     n_dropped = len(examples) - len(features)
     if n_dropped or n_truncated:
         logger.warning("%s: dropped %d of %d examples (prompt >= %d tokens); truncated %d responses",
@@ -136,6 +161,110 @@ def build_dataset(task_or_examples: Union[Task, str, Iterable[Example]], tokeniz
         raise ValueError(f"{source}: all {len(examples)} examples were dropped because their prompt has "
                          f">= max_seq_len={max_seq_len} tokens; raise max_seq_len")
     return EncodedDataset(features, len(examples), n_dropped, n_truncated, kept)
+
+
+def _as_example(example) -> Example:
+    return example if isinstance(example, Example) else Example(*_fields(example))
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """A digest of everything that decides the tokenizer's output: its full definition (vocab, merges,
+    normalizer, post-processor for fast tokenizers; the vocab for slow ones) and its special tokens."""
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+        h.update(repr(getattr(tokenizer, "init_kwargs", {})).encode())
+    specials = {k: str(v) for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items()}
+    h.update(json.dumps([specials, getattr(tokenizer, "eos_token_id", None),
+                         getattr(tokenizer, "bos_token_id", None)], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _cache_key(tokenizer, examples, max_seq_len) -> Optional[str]:
+    try:
+        h = hashlib.sha256(f"rosa_peft.tokenize/{_ENCODING_VERSION}/{max_seq_len!r}/".encode())
+        h.update(_tokenizer_fingerprint(tokenizer).encode())
+        for example in examples:
+            prompt, response = _fields(example)
+            for text in (prompt, response):
+                b = text.encode("utf-8", "surrogatepass")
+                h.update(len(b).to_bytes(8, "little"))
+                h.update(b)
+        return h.hexdigest()
+    except ValueError:
+        raise
+    except Exception as exc:  # an unusual tokenizer we cannot fingerprint: no caching, never a wrong hit
+        logger.debug("tokenization cache disabled: %s", exc)
+        return None
+
+
+def _cache_dir(cache) -> str:
+    if cache is True:
+        from ..models import cache_dir  # noqa: PLC0415
+
+        return os.path.join(str(cache_dir()), "tokenized")
+    return os.fspath(cache)
+
+
+def _cache_get(key: str, cache):
+    if key in _MEMORY_CACHE:
+        features, kept_index, n_truncated = _MEMORY_CACHE[key]
+        return _copy_features(features), list(kept_index), n_truncated
+    path = os.path.join(_cache_dir(cache), key + ".safetensors")
+    if not os.path.isfile(path):
+        return None
+    try:
+        from safetensors import safe_open  # noqa: PLC0415
+
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+            ids, lens, plens, kept = (fh.get_tensor(k) for k in ("input_ids", "lengths", "prompt_lengths", "kept"))
+        if meta.get("key") != key or int(lens.sum()) != ids.numel() or not (len(lens) == len(plens) == len(kept)):
+            raise ValueError("inconsistent cache entry")
+        features = []
+        for row, p in zip(ids.split(lens.tolist()), plens.tolist()):
+            row = row.tolist()
+            features.append({"input_ids": row, "attention_mask": [1] * len(row),
+                             "labels": [IGNORE_INDEX] * p + row[p:]})
+        n_truncated = int(meta["n_truncated"])
+    except Exception as exc:  # a damaged or foreign file: encode afresh (and overwrite it)
+        logger.warning("ignoring unreadable tokenization cache entry %s: %s", path, exc)
+        return None
+    _remember(key, features, kept.tolist(), n_truncated)
+    return features, kept.tolist(), n_truncated
+
+
+def _remember(key, features, kept_index, n_truncated) -> None:
+    if len(_MEMORY_CACHE) >= _MEMORY_CACHE_SIZE:
+        _MEMORY_CACHE.pop(next(iter(_MEMORY_CACHE)))
+    _MEMORY_CACHE[key] = (_copy_features(features), list(kept_index), n_truncated)
+
+
+def _copy_features(features):
+    return [{k: list(v) for k, v in f.items()} for f in features]
+
+
+def _cache_put(key, cache, features, kept_index, prompt_lens, n_truncated) -> None:
+    _remember(key, features, kept_index, n_truncated)
+    folder = _cache_dir(cache)
+    try:
+        from ..io import atomic_save_safetensors  # noqa: PLC0415
+
+        os.makedirs(folder, exist_ok=True)
+        flat = [t for f in features for t in f["input_ids"]]
+        atomic_save_safetensors(
+            {"input_ids": torch.tensor(flat, dtype=torch.int64),
+             "lengths": torch.tensor([len(f["input_ids"]) for f in features], dtype=torch.int64),
+             "prompt_lengths": torch.tensor(prompt_lens, dtype=torch.int64),
+             "kept": torch.tensor(kept_index, dtype=torch.int64)},
+            os.path.join(folder, key + ".safetensors"),
+            metadata={"key": key, "n_truncated": str(n_truncated), "version": _ENCODING_VERSION})
+    except OSError as exc:  # a read-only cache dir only costs the next run the encoding time
+        logger.warning("could not write the tokenization cache to %s: %s", folder, exc)
 
 
 class Collator:

@@ -269,6 +269,21 @@ def _checkpointing_args(enabled: bool) -> dict:
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}} if enabled else {name: False}
 
 
+def _sampling_args(batch_size: int) -> dict:
+    """Length-grouped sampling when a micro-batch holds several examples: the Collator pads each batch only
+    to its longest example (dynamic padding), so grouping similar lengths removes most padding. With one
+    example per micro-batch there is no padding and the plain random order is kept (same data order as
+    before). ``train_sampling_strategy`` from transformers v5, ``group_by_length`` before."""
+    from transformers import TrainingArguments
+
+    if batch_size <= 1:
+        return {}
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
 def _resume_totals(checkpoints_dir: str) -> Optional[dict]:
     """The whole-run totals saved in the checkpoint a resume starts from; None if there are none."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -360,7 +375,8 @@ def run_training(opts: TrainOptions) -> dict:
         raise FileExistsError(f"output directory {out} is not empty (pass --resume to continue it, or choose another)")
     torch.manual_seed(opts.seed)
     model, tokenizer, r, d = _build_model(opts)
-    train_ds = build_dataset(examples, tokenizer, max_seq_len=opts.max_seq_len)
+    # content-keyed: a rerun (or a study's next cell) on the same examples / tokenizer / max_seq_len reuses it
+    train_ds = build_dataset(examples, tokenizer, max_seq_len=opts.max_seq_len, cache=True)
     if len(train_ds) == 0:
         raise ValueError(f"every training example of {opts.task!r} is longer than max_seq_len={opts.max_seq_len}")
 
@@ -380,6 +396,7 @@ def run_training(opts: TrainOptions) -> dict:
             seed=opts.seed, data_seed=opts.seed, bf16=opts.bf16, use_cpu=not torch.cuda.is_available(),
             report_to=[], disable_tqdm=not opts.progress, remove_unused_columns=False,
             dataloader_num_workers=0, **_checkpointing_args(opts.gradient_checkpointing),
+            **_sampling_args(opts.batch_size),
         )
         trainer = RosaTrainer(model=model, args=args, train_dataset=train_ds, data_collator=Collator(tokenizer),
                               schedule=schedule, lora_lr=opts.lora_lr, phase_listener=metrics.phase,

@@ -1,0 +1,166 @@
+"""Training throughput of ``rosa train`` on the CPU: seconds per training example and the mask-scoring cost.
+
+:func:`run_train_speed` builds RoSA models of the same base under several settings ("variants") in one
+process and times, interleaved round by round on the same micro-batches of the task:
+
+* ``warmup_step``: forward + backward of one micro-batch in the LoRA-only warm-up phase;
+* ``score``: :func:`rosa_peft.masks.compute_masks` (fisher) per micro-batch, selection included;
+* ``train_step``: forward + backward of one micro-batch in the main phase (LoRA + sparse, masks set).
+
+Variants: ``before`` (float32 base, mask scoring with the parameters' gradients computed as the earlier
+implementation did), ``after`` (float32, the current scoring), ``bf16`` (``--dtype bfloat16`` base, float32
+adapters, current scoring). Timings of a shared machine are noisy: compare the ratios of one report; the
+per-variant value is the minimum (``stat="min"``, robust to other processes' bursts) or the median over
+every timed micro-batch of every round. The projection of one
+``rosa train`` run is warm-up micro-batches + scoring micro-batches + one epoch of main-phase micro-batches.
+The optimizer step (once per ``grad_accum`` micro-batches) and the data loader are not included.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+VARIANTS = {
+    "before": {"dtype": "float32", "freeze_while_scoring": False},
+    "after": {"dtype": "float32", "freeze_while_scoring": True},
+    "bf16": {"dtype": "bfloat16", "freeze_while_scoring": True},
+}
+
+
+@contextlib.contextmanager
+def _scoring_like(freeze: bool):
+    """``freeze=False``: the earlier scoring, which left every parameter's requires_grad as it was."""
+    from .. import masks
+
+    if freeze:
+        yield
+        return
+    original = masks._scoring_state
+
+    @contextlib.contextmanager
+    def unfrozen(model, adapter):
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        with original(model, adapter):
+            for p, f in flags:
+                p.requires_grad_(f)
+            yield
+
+    masks._scoring_state = unfrozen
+    try:
+        yield
+    finally:
+        masks._scoring_state = original
+
+
+def _step(model, batch) -> float:
+    model.train()
+    t = time.perf_counter()
+    loss = model(**batch).loss
+    loss.backward()
+    elapsed = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_dir: Optional[str] = None,
+                    n_examples: int = 16, threads: int = 2, rounds: int = 2, max_seq_len: int = 512,
+                    variants: Sequence[str] = ("before", "after", "bf16"), r: int = 16, density: float = 0.006,
+                    epoch_examples: int = 5103, warmup_steps: int = 64, grad_accum: int = 32,
+                    seed: int = 0, progress: bool = False, stat: str = "min") -> Dict:
+    """Seconds per training example (batch size 1, as ``rosa train``'s default) per variant, the
+    scoring / step ratios and the projected time of one epoch; returns a JSON-ready dict with ``rows``."""
+    from ..config import RosaConfig
+    from ..masks import compute_masks
+    from ..model import get_rosa_model
+    from ..models import load_model
+    from ..tasks import Collator, build_dataset, get_task
+
+    if stat not in ("min", "median"):
+        raise ValueError(f"stat must be 'min' or 'median', got {stat!r}")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"variants must be a non-empty subset of {list(VARIANTS)}, got {list(variants)!r}")
+    if n_examples < 1 or rounds < 1 or threads < 1:
+        raise ValueError("n_examples, rounds and threads must be >= 1")
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        examples = get_task(task, data_dir=data_dir).load(limit=n_examples)
+        built = {}
+        for name in variants:
+            dtype = VARIANTS[name]["dtype"]
+            models = []
+            for _ in range(2):  # one stays in the warm-up state (no masks), one gets the masks
+                torch.manual_seed(seed)
+                base, tok = load_model(model_name, dtype=dtype)
+                cfg = RosaConfig(r=r, density=density, lora_alpha=16.0, lora_dropout=0.05,
+                                 target_modules="all-linear")
+                models.append(get_rosa_model(base, cfg))
+            ds = build_dataset(examples, tok, max_seq_len=max_seq_len)
+            collate = Collator(tok)
+            batches = [collate([f]) for f in ds.features]
+            built[name] = {"warm": models[0], "train": models[1], "batches": batches,
+                           "tokens": sum(len(f["input_ids"]) for f in ds.features)}
+        times: Dict[str, Dict[str, List[float]]] = {n: {"warmup_step": [], "score": [], "train_step": []}
+                                                    for n in variants}
+        for rnd in range(rounds):
+            for name in variants:
+                b = built[name]
+                if rnd == 0:
+                    _step(b["warm"], b["batches"][0])  # first-call allocations / kernel selection
+                for batch in b["batches"]:
+                    times[name]["warmup_step"].append(_step(b["warm"], batch))
+                with _scoring_like(VARIANTS[name]["freeze_while_scoring"]):
+                    t = time.perf_counter()
+                    masks = compute_masks(b["warm"], b["batches"], criterion="fisher", seed=seed,
+                                          progress=progress)
+                    times[name]["score"].append((time.perf_counter() - t) / len(b["batches"]))
+                if rnd == 0:
+                    b["train"].set_masks(masks)
+                    _step(b["train"], b["batches"][0])
+                for batch in b["batches"]:
+                    times[name]["train_step"].append(_step(b["train"], batch))
+        rows = []
+        for name in variants:
+            pick = min if stat == "min" else statistics.median
+            med = {k: pick(v) for k, v in times[name].items()}
+            n_score = grad_accum  # mask_grad_steps=1: one optimizer step's micro-batches
+            run_s = (warmup_steps * grad_accum * med["warmup_step"] + n_score * med["score"]
+                     + epoch_examples * med["train_step"])
+            rows.append({
+                "variant": name, **VARIANTS[name], "threads": threads, "task": task,
+                "examples": len(built[name]["batches"]), "mean_tokens": built[name]["tokens"] / len(built[name]["batches"]),
+                "s_per_example_warmup": round(med["warmup_step"], 4),
+                "s_per_example_train": round(med["train_step"], 4),
+                "score_s_per_microbatch": round(med["score"], 4),
+                "score_over_warmup_step": round(med["score"] / med["warmup_step"], 3),
+                "score_over_train_step": round(med["score"] / med["train_step"], 3),
+                "epoch_train_min": round(epoch_examples * med["train_step"] / 60, 1),
+                "rosa_run_min": round(run_s / 60, 1),
+            })
+        base = rows[0]
+        for row in rows:
+            row["speedup_vs_" + base["variant"]] = round(base["s_per_example_train"] / row["s_per_example_train"], 3)
+        return {"bench": "train_speed", "model": model_name or "smollm2-135m", "task": task,
+                "epoch_examples": epoch_examples, "warmup_steps": warmup_steps, "grad_accum": grad_accum,
+                "rounds": rounds, "stat": stat, "bf16_supported": bool(_cpu_bf16()), "rows": rows, "raw": times}
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _cpu_bf16() -> bool:
+    with contextlib.suppress(Exception):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+if __name__ == "__main__":  # python -m rosa_peft.bench.train_speed [data_dir]
+    import json
+    import sys
+
+    print(json.dumps({k: v for k, v in run_train_speed(data_dir=(sys.argv[1] if len(sys.argv) > 1 else None)).items()
+                      if k != "raw"}, indent=1))

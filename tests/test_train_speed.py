@@ -1,0 +1,49 @@
+"""Correctness checks behind bench/train_speed.py (no timed assertions)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from rosa_peft import RosaConfig, get_rosa_model
+from rosa_peft.bench.train_speed import _scoring_like, run_train_speed
+from rosa_peft.masks import compute_masks
+
+
+def _batches(n=3, seq=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 128, (2, seq), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+@pytest.mark.parametrize("criterion", ["fisher", "grad"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_frozen_scoring_equals_the_earlier_scoring(criterion, dropout):
+    """compute_masks now freezes every parameter while scoring; the masks (and the model's flags and
+    gradients afterwards) are the same as with the earlier scoring that left parameters trainable."""
+    model = get_rosa_model(make_tiny_llama(), RosaConfig(r=2, density=0.05, lora_dropout=dropout,
+                                                         target_modules="all-linear"))
+    with torch.no_grad():
+        for _, layer in model.rosa_layers():
+            for name in layer.lora_B:
+                layer.lora_B[name].weight.normal_(0, 0.1)  # a warmed-up LoRA: dO depends on it
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    batches = _batches()
+    new = compute_masks(model, batches, criterion=criterion, seed=3, progress=False)
+    with _scoring_like(freeze=False):
+        old = compute_masks(model, batches, criterion=criterion, seed=3, progress=False)
+    assert list(new) == list(old)
+    for name in new:
+        assert torch.equal(new[name], old[name]), name
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_run_train_speed_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="variants"):
+        run_train_speed(variants=("fastest",))
+    with pytest.raises(ValueError, match=">= 1"):
+        run_train_speed(n_examples=0)
