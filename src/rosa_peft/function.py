@@ -55,7 +55,7 @@ class RosaLinearFunction(torch.autograd.Function):
             b = lora_B.to(cdt)
             if dropout_p > 0.0:
                 keep = torch.empty_like(xc, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-                xl = xc * keep * (1.0 / (1.0 - dropout_p))
+                xl = xc.mul(keep).mul_(1.0 / (1.0 - dropout_p))  # one temporary, same rounding
             else:
                 xl = xc
             xa = xl @ a.t()
@@ -87,14 +87,14 @@ class RosaLinearFunction(torch.autograd.Function):
             b = lora_B.to(cdt)
             gb = g @ b  # (T, r)
             if need_a:
-                xl = xc * keep * (1.0 / (1.0 - ctx.dropout_p)) if keep is not None else xc
+                xl = xc.mul(keep).mul_(1.0 / (1.0 - ctx.dropout_p)) if keep is not None else xc
                 d_a = (gb.t() @ xl).mul_(s).to(lora_A.dtype)
             if need_b:
                 d_b = (g.t() @ xa).mul_(s).to(lora_B.dtype)
             if need_x:
                 dx_lora = (gb @ a).mul_(s)
                 if keep is not None:
-                    dx_lora = dx_lora * keep * (1.0 / (1.0 - ctx.dropout_p))
+                    dx_lora = dx_lora.mul_(keep).mul_(1.0 / (1.0 - ctx.dropout_p))  # dx_lora is our own
                 dx = dx_lora
         if need_x:
             dx = ctx.source.matmul_t(g, weight, ctx.sp, values, cdt, dx)
