@@ -73,3 +73,18 @@ def run_rosa(*argv):
         except SystemExit as exc:
             rc = exc.code
     return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The embedded SmolLM2's tokenizer (from its cached safetensors copy), with a pad token."""
+    from transformers import AutoTokenizer
+
+    from rosa_peft.models import default_model_dir
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok

@@ -15,7 +15,7 @@ import pytest
 from rosa_peft.cli import SUBCOMMANDS, build_parser, main
 
 from conftest import REPO
-from test_eval_generate import save_tiny_base, smol_tokenizer  # noqa: F401
+from test_eval_generate import save_tiny_base
 
 
 def _in_subprocess(code: str) -> str:
@@ -318,7 +318,7 @@ def test_recipes_are_packaged_and_found_by_name(tmp_path, monkeypatch):
 
 # ---- jsonl: train -> eval end to end ------------------------------------------------------------------------
 @pytest.mark.usefixtures("one_thread")
-def test_jsonl_train_then_eval(tmp_path, capsys, jsonl_files, smol_tokenizer):  # noqa: F811
+def test_jsonl_train_then_eval(tmp_path, capsys, jsonl_files, smol_tokenizer):
     base = tmp_path / "base"
     save_tiny_base(base, smol_tokenizer)
     train, test = jsonl_files

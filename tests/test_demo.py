@@ -6,7 +6,7 @@ import pytest
 
 from rosa_peft.cli import main
 
-from test_eval_generate import save_tiny_base, smol_tokenizer  # noqa: F401
+from test_eval_generate import save_tiny_base
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def test_demo_check_keeps_an_earlier_demo_and_refuses_a_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, smol_tokenizer):  # noqa: F811
+def tiny_base(tmp_path_factory, smol_tokenizer):
     root = tmp_path_factory.mktemp("demo_base")
     save_tiny_base(root / "base", smol_tokenizer)
     return root / "base"

@@ -8,7 +8,7 @@ import torch
 
 from rosa_peft.eval import command
 
-from test_eval_generate import save_tiny_base, smol_tokenizer, with_random_adapter  # noqa: F401
+from test_eval_generate import save_tiny_base, with_random_adapter
 
 
 def rosa_eval(*argv):
@@ -28,7 +28,7 @@ def test_cli_maps_eval_to_this_module():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, smol_tokenizer):  # noqa: F811
+def tiny_run(tmp_path_factory, smol_tokenizer):
     """A saved tiny base model (with the SmolLM2 tokenizer) and a RoSA adapter trained on nothing."""
     root = tmp_path_factory.mktemp("tiny")
     base = save_tiny_base(root / "base", smol_tokenizer)
@@ -114,7 +114,7 @@ def test_quantize_backend_missing_is_a_clear_error(tmp_path, monkeypatch):
     assert _listing(tmp_path) == []
 
 
-def test_quantized_base_with_unmerged_adapter(tmp_path, smol_tokenizer):  # noqa: F811
+def test_quantized_base_with_unmerged_adapter(tmp_path, smol_tokenizer):
     quant = pytest.importorskip("rosa_peft.quant")
     if not quant.backend_available("torchao"):
         pytest.skip("torchao is not importable")

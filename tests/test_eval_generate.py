@@ -17,20 +17,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    from transformers import AutoTokenizer
-
-    from rosa_peft.models import default_model_dir
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
-
-
 def peaked_tiny_llama(vocab_size, seed=0):
     """A tiny random Llama whose logits have large margins (so argmax is numerically stable)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -5,20 +5,6 @@ import torch
 from test_eval_generate import peaked_tiny_llama
 
 
-@pytest.fixture(scope="module")
-def smol_tokenizer():
-    from transformers import AutoTokenizer
-
-    from rosa_peft.models import default_model_dir
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
-
-
 def test_run_eval_speed_returns_the_row(data_dir, smol_tokenizer, one_thread):
     from rosa_peft.bench.eval_speed import run_eval_speed
 

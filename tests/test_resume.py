@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from rosa_peft.train import outputs
 from rosa_peft.train.run import TOTALS_FILE, TrainOptions, run_training
 
-from test_eval_generate import save_tiny_base, smol_tokenizer  # noqa: F401
+from test_eval_generate import save_tiny_base
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, smol_tokenizer):  # noqa: F811
+def tiny_base(tmp_path_factory, smol_tokenizer):
     root = tmp_path_factory.mktemp("resume_base")
     save_tiny_base(root / "base", smol_tokenizer)
     return root / "base"

@@ -10,7 +10,7 @@ import yaml
 from rosa_peft.study import command, load_config
 from rosa_peft.study.config import StudyConfigError
 
-from test_eval_generate import save_tiny_base, smol_tokenizer  # noqa: F401
+from test_eval_generate import save_tiny_base
 
 METHODS = [{"method": "rosa", "r": 2, "density": 0.05}, {"method": "lora", "r": 2}, {"method": "fft"},
            {"method": "rosa", "budget": 4096}]  # tiny Llama: one LoRA rank = 1,024 params -> r=2 + sparse half
@@ -20,7 +20,7 @@ EVAL = {"limit": 2, "max_new_tokens": 4, "batch_size": 2}
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, smol_tokenizer):  # noqa: F811
+def tiny_base(tmp_path_factory, smol_tokenizer):
     root = tmp_path_factory.mktemp("study_base")
     save_tiny_base(root / "base", smol_tokenizer)
     return root / "base"

@@ -42,12 +42,6 @@ _PARTS = ("lora_A.weight", "lora_B.weight", "rosa_spa.values", "rosa_spa.row_off
 _SAVE_PART = ".modules_to_save."
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def _reject(verb: str, kwargs: dict) -> None:
     if kwargs:
         raise TypeError(f"{verb}() got unsupported keyword argument(s): {', '.join(sorted(kwargs))}")
@@ -155,7 +149,7 @@ class RosaModel(nn.Module):
                 module.update_layer(adapter_name, config)
             else:
                 tied = id(getattr(module, "weight", None)) in shared
-                _set_submodule(self.model, name, _layer_for(module, adapter_name, config, name, tied))
+                self.model.set_submodule(name, _layer_for(module, adapter_name, config, name, tied))
         if config.modules_to_save:
             wrap_modules_to_save(self.model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
@@ -602,7 +596,7 @@ class RosaModel(nn.Module):
             else:
                 replacements[key] = layer.base_layer
         for key, base in replacements.items():
-            _set_submodule(self.model, key, base)
+            self.model.set_submodule(key, base)
         keep = None
         if merge:
             keep = (names or self._active)[0] if (names or self._active) else None
@@ -640,8 +634,9 @@ class RosaModel(nn.Module):
         layers = [(k, l) for k, l in self.rosa_layers() if any(a in l.rosa_spa for a in adapters)]
         ranks = {k: sum(l.r.get(a, 0) for a in adapters) for k, l in layers}
         base = configs[0]
+        unions = {k: self._union_mask(l, adapters) for k, l in layers}
         total = sum(l.out_features * l.in_features for _, l in layers)
-        nnz = sum(int(self._union_mask(l, adapters).sum()) for _, l in layers)
+        nnz = sum(int(m.sum()) for m in unions.values())
         new = dataclasses.replace(
             base, r=max(ranks.values()), lora_alpha=max(ranks.values()) or 1, use_rslora=False,
             target_modules=[k for k, _ in layers], exclude_modules=None, layers_to_transform=None,
@@ -659,7 +654,7 @@ class RosaModel(nn.Module):
                     s_new = layer.scaling[adapter_name]
                     layer.lora_A[adapter_name].weight.copy_(torch.cat(As, 0))
                     layer.lora_B[adapter_name].weight.copy_(torch.cat(Bs, 1) / s_new)
-                mask = self._union_mask(layer, adapters)
+                mask = unions[key]
                 if mask.any():
                     dense = torch.zeros(mask.numel(), dtype=torch.float32, device=mask.device)
                     for a, w in zip(adapters, weights):

@@ -189,10 +189,6 @@ def _check_state(expected: dict, state: dict, what: str) -> None:
 
 
 # ---- helpers a model calls ---------------------------------------------------------------------------
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def _under(name: str, roots) -> bool:
@@ -254,7 +250,7 @@ def wrap_modules_to_save(model: nn.Module, names: list[str], adapter_name: str) 
         if isinstance(module, ModulesToSaveWrapper):
             module.update(adapter_name)
         else:
-            _set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name, module_name=name))
+            model.set_submodule(name, ModulesToSaveWrapper(module, adapter_name, module_name=name))
     return found
 
 
@@ -298,5 +294,5 @@ def unwrap_modules_to_save(model: nn.Module, adapter_name: Optional[str] = None)
     """Replace every wrapper by ``adapter_name``'s copy where it has one, else by the original; returns the names."""
     wrappers = modules_to_save_wrappers(model)
     for name, wrapper in wrappers.items():
-        _set_submodule(model, name, wrapper.unwrap(adapter_name))
+        model.set_submodule(name, wrapper.unwrap(adapter_name))
     return list(wrappers)

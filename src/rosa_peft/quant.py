@@ -314,11 +314,6 @@ def _to_bnb(bnb, m: nn.Linear, compute_dtype, block_size: int, double_quant: boo
     return new
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
 def quantize_model(model: nn.Module, backend: str = "torchao", skip_modules: Iterable[str] = ("lm_head",),
                    compute_dtype: torch.dtype = torch.bfloat16, block_size: int = 64, *,
                    scaler_block_size: int = 256, double_quant: bool = True) -> nn.Module:
@@ -352,7 +347,7 @@ def quantize_model(model: nn.Module, backend: str = "torchao", skip_modules: Ite
         if backend == "torchao":
             _to_torchao(mod, m, compute_dtype, block_size, scaler_block_size)
         else:
-            _set_submodule(model, name, _to_bnb(mod, m, compute_dtype, block_size, double_quant))
+            model.set_submodule(name, _to_bnb(mod, m, compute_dtype, block_size, double_quant))
     return model
 
 
@@ -384,7 +379,7 @@ def merge_and_requantize(rosa_model, safe_merge: bool = False) -> nn.Module:
         if spec["backend"] == "torchao":
             _to_torchao(_require("torchao"), m, spec["compute_dtype"], spec["block_size"], spec["scaler_block_size"])
         else:
-            _set_submodule(model, key, _to_bnb(_require("bnb"), m, spec["compute_dtype"], spec["block_size"],
+            model.set_submodule(key, _to_bnb(_require("bnb"), m, spec["compute_dtype"], spec["block_size"],
                                                spec["double_quant"]))
     return model
 
