@@ -42,7 +42,7 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded default model (loaded once per session; converted and cached on first use)."""
-    from rosa_peft.models import load_model
+    from rosa_peft.utils.model_loading import load_model
 
     try:
         return load_model()
@@ -80,7 +80,7 @@ def smol_tokenizer():
     """The embedded SmolLM2's tokenizer (from its cached safetensors copy), with a pad token."""
     from transformers import AutoTokenizer
 
-    from rosa_peft.models import default_model_dir
+    from rosa_peft.utils.model_loading import default_model_dir
 
     try:
         tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
@@ -88,3 +88,38 @@ def smol_tokenizer():
         pytest.skip(str(exc))
     tok.pad_token = tok.pad_token or tok.eos_token
     return tok
+
+
+# ---- tiny models saved like real checkpoints (eval, CLI, study, demo tests) ----
+def peaked_tiny_llama(vocab_size, seed=0):
+    """A tiny random Llama whose logits have large margins (so argmax is numerically stable)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)
+    return model
+
+
+def save_tiny_base(directory, tokenizer):
+    """:func:`peaked_tiny_llama` saved with ``tokenizer`` into ``directory`` (a loadable base model); the model."""
+    base = peaked_tiny_llama(len(tokenizer))
+    base.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return base
+
+
+def with_random_adapter(base, seed=0):
+    """``base`` wrapped with a random RoSA adapter (r=2, random 5% masks, random init)."""
+    from rosa_peft import RosaConfig, get_rosa_model
+
+    torch.manual_seed(seed)
+    model = get_rosa_model(base, RosaConfig(r=2, density=0.05, init_lora_weights=False))
+    g = torch.Generator().manual_seed(seed + 1)
+    model.set_masks({n: torch.rand(l.out_features, l.in_features, generator=g) < 0.05
+                     for n, l in model.rosa_layers()})
+    return model

@@ -19,7 +19,7 @@ _LAZY = {
     "compute_masks": "masks", "load_masks": "masks", "save_masks": "masks",
     "RosaModel": "model", "TunerLayerStatus": "model", "TunerModelStatus": "model", "get_rosa_model": "model",
     "get_rosa_model_state_dict": "model", "set_rosa_model_state_dict": "model",
-    "load_model": "models",
+    "load_model": "utils.model_loading",
     "ModulesToSaveWrapper": "modules_to_save",
 }
 
@@ -37,8 +37,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these resolve throu
         get_rosa_model_state_dict,
         set_rosa_model_state_dict,
     )
-    from .models import load_model
     from .modules_to_save import ModulesToSaveWrapper
+    from .utils.model_loading import load_model
 
 
 def __getattr__(name: str):
@@ -55,8 +55,8 @@ def __dir__():
 
 
 def quantize_model(model, *args, **kwargs):
-    """4-bit NF4 base for QRoSA; see :func:`rosa_peft.quant.quantize_model` (imported on first call)."""
-    from .quant import quantize_model as _quantize_model
+    """4-bit NF4 base for QRoSA; see :func:`rosa_peft.bases.quantize.quantize_model` (imported on first call)."""
+    from .bases.quantize import quantize_model as _quantize_model
 
     return _quantize_model(model, *args, **kwargs)
 

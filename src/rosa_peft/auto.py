@@ -5,8 +5,11 @@ import inspect
 import os
 from typing import Any, Optional
 
-from . import hub, models
-from .io import read_json_object
+from . import hub
+from .model import RosaModel
+from .utils import model_loading as models
+from .utils.checks import UserError
+from .utils.io import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
 # Keyword arguments that locate the adapter (and, except subfolder, also the base model on the Hub).
@@ -84,7 +87,7 @@ class AutoRosaModel:
             override = dict(config) if isinstance(config, dict) else config.to_dict()
         base_name = override.get("base_model_name_or_path") or saved.get("base_model_name_or_path")
         if not base_name or not isinstance(base_name, str):
-            raise ValueError(
+            raise UserError(
                 f"{config_path}: 'base_model_name_or_path' is missing or null, so {cls.__name__} cannot tell "
                 "which base model to load; load it yourself and call RosaModel.from_pretrained(base, adapter_dir)"
             )
@@ -92,7 +95,6 @@ class AutoRosaModel:
 
         base_model = cls._load_base_model(base_name, kwargs)
 
-        from .model import RosaModel
 
         extra = {}
         if config is not None:
@@ -110,8 +112,8 @@ class AutoRosaModel:
             return
         if task_type in _TASK_CLASSES or cls._task_type is not None:
             wanted = _TASK_CLASSES.get(task_type, "AutoRosaModel")
-            raise ValueError(f"{config_path}: the adapter's task_type is {task_type!r}; load it with {wanted}, "
-                             f"not {cls.__name__}")
+            raise UserError(f"{config_path}: the adapter's task_type is {task_type!r}; load it with {wanted}, "
+                            f"not {cls.__name__}")
 
     @classmethod
     def _load_base_model(cls, name: str, kwargs: dict):

@@ -2,17 +2,20 @@
 
 A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported
 only when their subcommand runs (or shows its --help), so ``rosa --help`` and ``rosa --version``
-import neither torch nor transformers.
+import neither torch nor transformers. An error the user must fix is one line and exit status 2
+(:func:`user_error_message`); any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 
 from . import __version__
 from .options import HelpFormatter
+from .utils.checks import UserError  # noqa: F401 - rosa_peft.cli.UserError stays importable
 
 SUBCOMMANDS = {
     "train": ("rosa_peft.train.command", "fine-tune a model with RoSA / LoRA / SpA / FFT"),
@@ -22,10 +25,6 @@ SUBCOMMANDS = {
     "study": ("rosa_peft.study.command", "train and evaluate a grid of tasks x methods x budgets x seeds"),
     "demo": ("rosa_peft.demo", "fine-tune the embedded SmolLM2 with RoSA on the built-in task"),
 }
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2, no traceback."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -71,17 +70,60 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
-    except (UserError, OSError, ValueError) as exc:  # a missing / existing file, bad values, a full disk
-        if os.environ.get("ROSA_PEFT_DEBUG"):
+    except Exception as exc:  # noqa: BLE001 - sorted below: the user's mistake is one line, a bug keeps its traceback
+        message = user_error_message(exc)
+        if message is None or os.environ.get("ROSA_PEFT_DEBUG"):
             raise
-        print(f"rosa {args.command}: error: {exc}", file=sys.stderr)
+        print(f"rosa {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:  # torch.save reports a failed write (e.g. a full disk) as RuntimeError
-        if not _is_write_failure(exc) or os.environ.get("ROSA_PEFT_DEBUG"):
-            raise
-        print(f"rosa {args.command}: error: could not write a file (is the disk full?): {_first_line(exc)}",
-              file=sys.stderr)
-        return 2
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one line ``rosa`` prints for an error the user must fix, or None for a bug (kept as a traceback).
+
+    User errors: :class:`UserError` (input checks raise it on purpose; ``NonFiniteLossError`` is one), any
+    ``OSError`` (a missing or existing file, a full disk), a file that is not JSON / UTF-8 text, a ``ValueError``
+    raised inside one of :data:`INPUT_VALIDATION_MODULES`, and torch's failed-write ``RuntimeError``.
+    """
+    if isinstance(exc, (UserError, OSError, json.JSONDecodeError, UnicodeDecodeError)):
+        return str(exc)
+    if isinstance(exc, ValueError) and _in_input_validation(raised_in(exc)):
+        return str(exc)
+    if isinstance(exc, RuntimeError) and _is_write_failure(exc):  # torch.save: optimizer / scheduler states
+        return f"could not write a file (is the disk full?): {_first_line(exc)}"
+    return None
+
+
+# Modules that validate user input but still raise plain ValueError for it (they predate UserError):
+# a ValueError raised *inside* one of them (or a submodule) is reported like a UserError. A module leaves
+# this list once its input checks raise UserError. Each name must import (tests/unit/test_cli.py checks).
+INPUT_VALIDATION_MODULES = (
+    "rosa_peft.options",  # YAML / option coercion, optional packages
+    "rosa_peft.utils.io",  # read_json_object: a file that is not a JSON object
+    "rosa_peft.model",  # adapter files: unreadable safetensors, tensors that do not fit, another base model
+    "rosa_peft.masks",  # load_masks: a bad --masks file
+    "rosa_peft.bases",  # quantize_model: a base that --quantize cannot handle
+    "rosa_peft.tasks",  # task names, splits, data files and their records
+    "rosa_peft.train.command", "rosa_peft.train.run", "rosa_peft.train.budget",
+    "rosa_peft.eval.command", "rosa_peft.eval.loading", "rosa_peft.eval.compare",
+    "rosa_peft.bench.command", "rosa_peft.bench.methods", "rosa_peft.bench.shapes",
+    "rosa_peft.study.command", "rosa_peft.study.config",
+    "rosa_peft.demo",
+)
+
+
+def raised_in(exc: BaseException) -> str | None:
+    """The ``__name__`` of the module whose code raised ``exc`` (its innermost traceback frame)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__")
+
+
+def _in_input_validation(module: str | None) -> bool:
+    return module is not None and any(module == m or module.startswith(m + ".") for m in INPUT_VALIDATION_MODULES)
 
 
 def _is_write_failure(exc: BaseException) -> bool:

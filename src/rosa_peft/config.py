@@ -9,12 +9,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from .io import atomic_write_text
+from .utils.checks import UserError, check_choice, check_fraction, check_int, is_int, is_real
+from .utils.io import atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 IMPLS = ("auto", "merged", "sp_add", "spmm")
 ADAPTER_DTYPES = (None, "float32", "bfloat16", "float16", "float64")
 BIAS = ("none",)
+INIT_LORA_WEIGHTS = (True, False, "gaussian")
+INDEX_DTYPES = ("int32", "int16")  # sparse column indices; int16 only where a weight has <= 32767 columns
 # keys a saved adapter_config.json must state: their defaults would silently change what the adapter computes
 REQUIRED_KEYS = ("r", "lora_alpha", "density", "target_modules")
 
@@ -89,27 +92,20 @@ class RosaConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
-        _check_rank("r", self.r)
-        _check_density("density", self.density)
+        check_int("r", self.r, minimum=0)
+        check_fraction("density", self.density)
         for key, value in dict(self.rank_pattern).items():
-            _check_rank(f"rank_pattern[{key!r}]", value)
+            check_int(f"rank_pattern[{key!r}]", value, minimum=0)
         for key, value in dict(self.density_pattern).items():
-            _check_density(f"density_pattern[{key!r}]", value)
-        if (not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool)
-                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0):
-            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
-        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
-        if self.bias not in BIAS:
-            raise ValueError(f"bias must be 'none' (biases stay frozen), got {self.bias!r}")
-        if self.adapter_dtype not in ADAPTER_DTYPES:
-            raise ValueError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.index_dtype not in ("int32", "int16"):
-            raise ValueError(f"index_dtype must be 'int32' or 'int16', got {self.index_dtype!r}")
+            check_fraction(f"density_pattern[{key!r}]", value)
+        if not is_real(self.lora_alpha) or self.lora_alpha <= 0:
+            raise UserError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+        check_fraction("lora_dropout", self.lora_dropout)
+        check_choice("init_lora_weights", self.init_lora_weights, INIT_LORA_WEIGHTS)
+        check_choice("bias", self.bias, BIAS, why=" (biases stay frozen)")
+        check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        check_choice("impl", self.impl, IMPLS)
+        check_choice("index_dtype", self.index_dtype, INDEX_DTYPES)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None:
@@ -119,11 +115,11 @@ class RosaConfig:
                     try:
                         re.compile(value)
                     except re.error as exc:
-                        raise ValueError(f"{name} is not a valid regex: {value!r} ({exc})") from None
+                        raise UserError(f"{name} is not a valid regex: {value!r} ({exc})") from None
             elif not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                raise ValueError(f"{name} must be a list of names, a regex string or 'all-linear', got {value!r}")
+                raise UserError(f"{name} must be a list of names, a regex string or 'all-linear', got {value!r}")
         if self.target_modules is None or self.target_modules == []:
-            raise ValueError("target_modules must name at least one module (or be 'all-linear')")
+            raise UserError("target_modules must name at least one module (or be 'all-linear')")
         self._check_layers_and_modules_to_save()
 
     def _check_layers_and_modules_to_save(self) -> None:
@@ -137,27 +133,27 @@ class RosaConfig:
         ltt = self.layers_to_transform
         if ltt is not None:
             values = ltt if isinstance(ltt, list) else [ltt]
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-                raise ValueError(f"layers_to_transform must be an integer >= 0 or a list of them, got {ltt!r}")
+            if not all(is_int(v) and v >= 0 for v in values):
+                raise UserError(f"layers_to_transform must be an integer >= 0 or a list of them, got {ltt!r}")
         lp = self.layers_pattern
         if lp is not None:
             values = lp if isinstance(lp, list) else [lp]
             if not values or not all(isinstance(v, str) and v for v in values):
-                raise ValueError(f"layers_pattern must be a non-empty string or a non-empty list of them, got {lp!r}")
+                raise UserError(f"layers_pattern must be a non-empty string or a non-empty list of them, got {lp!r}")
             for v in values:
                 try:
                     re.compile(v)
                 except re.error as exc:
-                    raise ValueError(f"layers_pattern is not a valid regex: {v!r} ({exc})") from None
+                    raise UserError(f"layers_pattern is not a valid regex: {v!r} ({exc})") from None
             if ltt is None:
-                raise ValueError("layers_pattern is set but layers_to_transform is not: give both (as in PEFT)")
+                raise UserError("layers_pattern is set but layers_to_transform is not: give both (as in PEFT)")
         regex_targets = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
         if regex_targets and ltt is not None:
-            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string "
-                             f"({self.target_modules!r}); give a list of names or 'all-linear'")
+            raise UserError("layers_to_transform cannot be used when target_modules is a regex string "
+                            f"({self.target_modules!r}); give a list of names or 'all-linear'")
         mts = self.modules_to_save
         if mts is not None and not (isinstance(mts, list) and all(isinstance(v, str) and v for v in mts)):
-            raise ValueError(f"modules_to_save must be a list of non-empty module names, got {mts!r}")
+            raise UserError(f"modules_to_save must be a list of non-empty module names, got {mts!r}")
 
     # ---- per-module values ---------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
@@ -183,24 +179,24 @@ class RosaConfig:
         would otherwise silently scale the adapter by the default), and errors name the file."""
         where = f"{source}: " if source else ""
         if not isinstance(data, dict):
-            raise ValueError(f"{where}must hold a JSON object, got {type(data).__name__}")
+            raise UserError(f"{where}must hold a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{where}unknown RosaConfig field(s): {', '.join(unknown)}")
+            raise UserError(f"{where}unknown RosaConfig field(s): {', '.join(unknown)}")
         if source is not None:
             missing = [k for k in REQUIRED_KEYS if k not in data]
             if missing:
-                raise ValueError(f"{where}missing key {missing[0]!r}"
-                                 + (f" (and {', '.join(map(repr, missing[1:]))})" if len(missing) > 1 else ""))
+                raise UserError(f"{where}missing key {missing[0]!r}"
+                                + (f" (and {', '.join(map(repr, missing[1:]))})" if len(missing) > 1 else ""))
         if data.get("peft_type", "ROSA") != "ROSA":
-            raise ValueError(f"{where}peft_type must be 'ROSA', got {data.get('peft_type')!r}")
+            raise UserError(f"{where}peft_type must be 'ROSA', got {data.get('peft_type')!r}")
         try:
             return cls(**data)
         except (TypeError, ValueError) as exc:
             if not source:
                 raise
-            raise ValueError(f"{where}{exc}") from None
+            raise UserError(f"{where}{exc}") from None
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -218,20 +214,10 @@ class RosaConfig:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            raise UserError(f"{path}: not valid JSON ({exc})") from None
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
+            raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
         return cls.from_dict(data, source=path)
-
-
-def _check_rank(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def _check_density(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
 def _pattern_lookup(pattern: dict, module_name: str, default):

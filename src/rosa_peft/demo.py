@@ -20,7 +20,16 @@ import json
 import os
 import time
 
+import torch
+
+from .eval import evaluate
+from .eval.loss import response_loss
+from .eval.runner import load_examples
+from .model import RosaModel
 from .options import add_deprecated_alias, check_optional_dependencies
+from .train.run import TrainOptions, run_training
+from .utils.io import atomic_write_text, staged_directory
+from .utils.model_loading import load_model
 
 DEMO_MARKER = "demo.json"
 
@@ -68,9 +77,6 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _measure(model, tokenizer, task, examples, label: str) -> dict:
-    from .eval import evaluate
-    from .eval.loss import response_loss
-
     print(f"[demo] evaluating the {label} model on {len(examples)} held-out examples ...", flush=True)
     loss = response_loss(model, tokenizer, examples, max_seq_len=256)
     # gold queries are < 40 tokens: 64 new tokens bound an unstopped pretrained model's rambling
@@ -85,14 +91,6 @@ def _shown(record: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from .eval.runner import load_examples
-    from .io import atomic_write_text, staged_directory
-    from .model import RosaModel
-    from .models import load_model
-    from .train.run import TrainOptions, run_training
-
     _check(args)
     t0 = time.time()
     torch.manual_seed(args.seed)

@@ -11,21 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .bases.float import EMBEDDING, _embedding_shape, _is_float_embedding
 from .config import RosaConfig
 from .function_embedding import rosa_embedding
-from .layer import BaseKind, MergedSource, RosaLayer, SparseOnlySource, SpAddSource, _cast, _plain_weight, _weight_dtype
-
-
-def _is_float_embedding(m: nn.Module) -> bool:
-    return isinstance(m, nn.Embedding) and m.weight.is_floating_point() and type(m.weight.data) is torch.Tensor
-
-
-def _embedding_shape(m: nn.Module) -> tuple:
-    return tuple(m.weight.shape)
-
-
-EMBEDDING = BaseKind(name="embedding", matches=_is_float_embedding, weight=_plain_weight, to_dense=_cast,
-                     supports_merged=True, compute_dtype=_weight_dtype, shape=_embedding_shape)
+from .layer import RosaLayer
+from .weight_source import MergedSource, SpAddSource, SparseOnlySource
 
 
 class RosaEmbedding(RosaLayer):

@@ -8,7 +8,7 @@ where Xd = X ⊙ keep/(1-p). Dropout touches the LoRA branch only and reuses the
 backward. Both products with W+S go through a *weight source* (``source.matmul`` for X·(W+S)ᵀ,
 ``source.matmul_t`` for dO·(W+S)): for the ``merged`` implementation the dense W+S is the base weight
 itself (no copy); for ``sp_add`` a temporary built per call; for ``spmm`` (4-bit bases,
-``layer.QuantSpmmSource``) no dense W+S at all: the base's own 4-bit matmul plus an SpMM on S's CSR.
+``weight_source.QuantSpmmSource``) no dense W+S at all: the base's own 4-bit matmul plus an SpMM on S's CSR.
 Nothing de-quantised is ever saved for backward (only the 4-bit weight itself).
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from . import sparse
+from .weight_source import WeightSource
 
 
 def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
@@ -28,20 +29,10 @@ def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
 
 class RosaLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        lora_A: Optional[torch.Tensor],
-        lora_B: Optional[torch.Tensor],
-        values: Optional[torch.Tensor],
-        source,  # a weight source: dense(weight, sp, values, dtype) -> W+S
-        sp,  # SparseAdapter or None
-        scaling: float,
-        dropout_p: float,
-        cdt: torch.dtype,
-    ):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, values, source: WeightSource, sp, scaling: float,
+                dropout_p: float, cdt: torch.dtype):
+        # arguments as in rosa_linear (below); cdt is the compute dtype. source.matmul gives x·(W+S)ᵀ,
+        # source.matmul_t g·(W+S); sp is the SparseAdapter (or None)
         in_f = x.shape[-1]
         x2 = x.reshape(-1, in_f)
         xc = x2 if x2.dtype == cdt else x2.to(cdt)
@@ -113,7 +104,7 @@ def rosa_linear(
     lora_A: Optional[torch.Tensor],
     lora_B: Optional[torch.Tensor],
     values: Optional[torch.Tensor],
-    source,
+    source: WeightSource,
     sp,
     scaling: float,
     dropout_p: float = 0.0,

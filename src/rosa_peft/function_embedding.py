@@ -25,8 +25,8 @@ which would rewrite the frozen/merged base weight) and ``sparse=True`` (sparse t
 base never gets a gradient here anyway). There is no dropout on the embedding path: PEFT's
 embedding LoRA applies none, so this Function takes no dropout argument.
 
-The dense E0+S comes from a weight source, exactly as for ``function.RosaLinearFunction``:
-``source.dense(weight, sp, values, dtype)``. For ``merged`` the base already holds E0+S; for
+The dense E0+S comes from a weight source (``weight_source.WeightSource``), exactly as for
+``function.RosaLinearFunction``: ``source.dense(weight, sp, values, dtype)``. For ``merged`` the base already holds E0+S; for
 ``sp_add`` it is a temporary. Compute dtype: the autocast dtype when autocast is on for the weight's
 device, else the weight's dtype (an embedding's output follows its table, not its integer input);
 a non-floating (quantized) table without autocast computes in float32. Gradients accumulate in
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .sparse.storage import SparseAdapter
+from .weight_source import WeightSource
 
 
 def embedding_compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -83,7 +84,7 @@ class RosaEmbeddingFunction(torch.autograd.Function):
         lora_A: Optional[torch.Tensor],
         lora_B: Optional[torch.Tensor],
         values: Optional[torch.Tensor],
-        source,  # WeightSource: dense(weight, sp, values, dtype) -> E0+S
+        source: WeightSource,  # dense(weight, sp, values, dtype) -> E0+S
         sp,  # SparseAdapter or None
         scaling: float,
         padding_idx: Optional[int],
@@ -146,21 +147,10 @@ class RosaEmbeddingFunction(torch.autograd.Function):
         return None, None, d_a, d_b, d_vals, None, None, None, None, None, None
 
 
-def rosa_embedding(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: Optional[torch.Tensor],
-    lora_B: Optional[torch.Tensor],
-    values: Optional[torch.Tensor],
-    source,
-    sp,
-    scaling: float,
-    padding_idx: Optional[int] = None,
-    max_norm: Optional[float] = None,
-    norm_type: float = 2.0,
-    scale_grad_by_freq: bool = False,
-    sparse: bool = False,
-) -> torch.Tensor:
+def rosa_embedding(x: torch.Tensor, weight: torch.Tensor, lora_A: Optional[torch.Tensor],
+                   lora_B: Optional[torch.Tensor], values: Optional[torch.Tensor], source: WeightSource, sp,
+                   scaling: float, padding_idx: Optional[int] = None, max_norm: Optional[float] = None,
+                   norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False) -> torch.Tensor:
     """(E0+S)[x] + scaling·Aᵀ[x]·Bᵀ with gradients for ``lora_A``, ``lora_B`` and ``values`` only.
 
     Arguments after ``scaling`` mirror ``F.embedding``; ``max_norm`` and ``sparse=True`` raise

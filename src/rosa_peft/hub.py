@@ -5,6 +5,9 @@ import os
 import tempfile
 from typing import Any, Callable, Optional
 
+from . import modelcard
+from .utils.checks import UserError
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
@@ -15,7 +18,7 @@ def _clean_subfolder(subfolder: Optional[str]) -> str:
         return ""
     sub = str(subfolder).replace("\\", "/").strip("/")
     if os.path.isabs(str(subfolder)) or any(part == ".." for part in sub.split("/")):
-        raise ValueError(f"subfolder must be a relative path inside the adapter repository, got {subfolder!r}")
+        raise UserError(f"subfolder must be a relative path inside the adapter repository, got {subfolder!r}")
     return sub
 
 
@@ -35,8 +38,8 @@ def resolve_adapter_dir(
     ``adapter_config.json``). Anything else is taken as a Hub repo id: only ``adapter_config.json``,
     ``adapter_model.safetensors`` and ``README.md`` are downloaded (``snapshot_download`` honouring
     ``revision`` / ``token`` / ``cache_dir`` / ``local_files_only`` / ``force_download``) and the
-    snapshot's folder is returned. ``ValueError`` when ``model_id`` is neither a directory nor a valid
-    repo id; ``OSError`` naming it when the download fails or the repository holds no adapter there.
+    snapshot's folder is returned. :class:`~rosa_peft.utils.checks.UserError` (a ``ValueError``) when
+    ``model_id`` is neither a directory nor a valid repo id; ``OSError`` naming it when the download fails or the repository holds no adapter there.
     """
     model_id = os.fspath(model_id)
     sub = _clean_subfolder(subfolder)
@@ -46,7 +49,7 @@ def resolve_adapter_dir(
             raise FileNotFoundError(f"adapter directory {path!r} has no {CONFIG_NAME}")
         return path
     if os.path.exists(model_id):
-        raise ValueError(f"{model_id!r} is a file, not an adapter directory or a Hub repo id")
+        raise UserError(f"{model_id!r} is a file, not an adapter directory or a Hub repo id")
 
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -54,7 +57,7 @@ def resolve_adapter_dir(
     try:
         validate_repo_id(model_id)
     except HFValidationError:
-        raise ValueError(
+        raise UserError(
             f"{model_id!r} is neither a local adapter directory (no such directory) nor a valid "
             "Hugging Face Hub repo id ('name' or 'namespace/name')"
         ) from None
@@ -107,7 +110,6 @@ def push_adapter_to_hub(
         )
     from huggingface_hub import HfApi
 
-    from . import modelcard
 
     with tempfile.TemporaryDirectory(prefix="rosa-push-") as folder:
         save_fn(folder)

@@ -6,8 +6,9 @@ adapter_names)`` / ``unmerge()`` with ``merged_adapters``, ``enable_adapters``, 
 adapter batches (``adapter_names=`` per sample). ``RosaLinear`` wraps ``nn.Linear`` (float or 4-bit) and
 transformers' GPT-2 ``Conv1D``; ``RosaEmbedding`` (``embedding.py``) wraps ``nn.Embedding``.
 
-Which base a layer wraps is decided once, by :func:`resolve_base_kind` (float ``nn.Linear`` and ``Conv1D``
-here; ``rosa_peft.quant`` registers the NF4 kinds). How ``W + S`` reaches the GEMMs is a *weight source*:
+Which base a layer wraps is decided once, by :func:`rosa_peft.bases.resolve_base_kind` (float ``nn.Linear``
+and ``Conv1D`` in ``bases/float.py``, the 4-bit kinds in ``bases/torchao_nf4.py`` and ``bases/bnb_4bit.py``).
+How ``W + S`` reaches the GEMMs is a *weight source* (``weight_source.py``):
 
 * ``merged`` (default on float bases): the base weight holds ``W0 + S`` at the mask positions and ``W0``
   is kept there only (``rosa_w0``). Before every forward those nnz positions are rewritten from the
@@ -22,189 +23,24 @@ here; ``rosa_peft.quant`` registers the NF4 kinds). How ``W + S`` reaches the GE
 from __future__ import annotations
 
 import math
-import sys
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from . import sparse
+
+# BASE_KINDS, BaseKind, register_base_kind, FLOAT_LINEAR and the sources: also importable from here (1.x path)
+from .bases import BASE_KINDS, BaseKind, base_shape, register_base_kind, resolve_base_kind  # noqa: F401
+from .bases.float import CONV1D, FLOAT_LINEAR  # noqa: F401
 from .config import RosaConfig
 from .function import rosa_linear
 from .sparse import SparseAdapter
+from .weight_source import MergedSource, QuantSpmmSource, SpAddSource, SparseOnlySource
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 BASE_ONLY = "__base__"  # the name that selects no adapter in a mixed batch (PEFT's convention)
-
-
-# ---- base kinds: how to read a dense float weight out of the wrapped layer -----------------------
-@dataclass
-class BaseKind:
-    name: str
-    matches: Callable[[nn.Module], bool]
-    weight: Callable[[nn.Module], torch.Tensor]  # the (out, in) tensor handed to the autograd Function
-    to_dense: Callable[[torch.Tensor, torch.dtype], torch.Tensor]  # may return the tensor itself
-    supports_merged: bool
-    compute_dtype: Callable[[nn.Module], torch.dtype]
-    shape: Optional[Callable[[nn.Module], tuple]] = None  # (out, in); default: in_/out_features
-    # 4-bit bases: the base's own matmuls, (weight, x, dtype) -> x·Wᵀ and (weight, g, dtype, acc) -> acc + g·W,
-    # with no de-quantised weight outliving the call (QRoSA's ``spmm`` implementation)
-    matmul: Optional[Callable] = None
-    matmul_t: Optional[Callable] = None
-
-
-def _is_float_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) and m.weight.is_floating_point() and type(m.weight.data) is torch.Tensor
-
-
-def _conv1d_class():
-    """transformers' GPT-2 ``Conv1D`` when transformers is already imported (never imports it)."""
-    mod = sys.modules.get("transformers.pytorch_utils")
-    return getattr(mod, "Conv1D", None) if mod is not None else None
-
-
-def _is_float_conv1d(m: nn.Module) -> bool:
-    cls = _conv1d_class()
-    return (cls is not None and isinstance(m, cls) and m.weight.is_floating_point()
-            and type(m.weight.data) is torch.Tensor)
-
-
-def _plain_weight(m: nn.Module) -> torch.Tensor:
-    return m.weight
-
-
-def _conv1d_weight(m: nn.Module) -> torch.Tensor:
-    return m.weight.t()  # Conv1D stores (in, out): hand out the (out, in) view
-
-
-def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return w if w.dtype == dtype else w.to(dtype)
-
-
-def _weight_dtype(m: nn.Module) -> torch.dtype:
-    return m.weight.dtype
-
-
-def _conv1d_shape(m: nn.Module) -> tuple:
-    return (m.weight.shape[1], m.weight.shape[0])
-
-
-FLOAT_LINEAR = BaseKind(name="float", matches=_is_float_linear, weight=_plain_weight, to_dense=_cast,
-                        supports_merged=True, compute_dtype=_weight_dtype)
-CONV1D = BaseKind(name="conv1d", matches=_is_float_conv1d, weight=_conv1d_weight, to_dense=_cast,
-                  supports_merged=True, compute_dtype=_weight_dtype, shape=_conv1d_shape)
-BASE_KINDS: list[BaseKind] = [FLOAT_LINEAR, CONV1D]
-
-
-def register_base_kind(kind: BaseKind) -> None:
-    BASE_KINDS[:] = [k for k in BASE_KINDS if k.name != kind.name]
-    BASE_KINDS.insert(0, kind)
-
-
-def _register_loaded_quant_kinds() -> None:
-    """Lazy hook: a 4-bit base can only exist once torchao / bitsandbytes has been imported (by anyone);
-    then let ``rosa_peft.quant`` register its kinds. Imports neither library itself."""
-    if "torchao" in sys.modules or "bitsandbytes" in sys.modules:
-        from .quant import register_loaded_backends
-
-        register_loaded_backends()
-
-
-def resolve_base_kind(module: nn.Module) -> Optional[BaseKind]:
-    _register_loaded_quant_kinds()
-    for kind in BASE_KINDS:
-        if kind.matches(module):
-            return kind
-    return None
-
-
-def base_shape(kind: BaseKind, module: nn.Module) -> tuple:
-    """(out, in) of the weight a kind exposes."""
-    if kind.shape is not None:
-        return tuple(kind.shape(module))
-    return (module.out_features, module.in_features)
-
-
-# ---- weight sources ------------------------------------------------------------------------------
-class _DenseSource:
-    """A source that hands the fused Function a dense W (+ S): both products are plain GEMMs on it."""
-
-    def matmul(self, x, weight, sp, values, dtype):
-        return x @ self.dense(weight, sp, values, dtype).t()
-
-    def matmul_t(self, g, weight, sp, values, dtype, acc=None):
-        w = self.dense(weight, sp, values, dtype)
-        return g @ w if acc is None else acc.addmm_(g, w)
-
-
-class MergedSource(_DenseSource):
-    """The base weight already holds W0 + S: use it as is."""
-
-    def __init__(self, kind: BaseKind):
-        self.kind = kind
-
-    def dense(self, weight, sp, values, dtype):
-        return self.kind.to_dense(weight, dtype)
-
-
-class SpAddSource(_DenseSource):
-    """Build W + S in a temporary (rounded in the base dtype, exactly as ``merged`` stores it)."""
-
-    def __init__(self, kind: BaseKind):
-        self.kind = kind
-
-    def dense(self, weight, sp, values, dtype):
-        if sp is None or values is None or values.numel() == 0:
-            return self.kind.to_dense(weight, dtype)
-        if self.kind.supports_merged:  # a float weight: the temporary must be a copy
-            w = weight.clone(memory_format=torch.contiguous_format)
-            sparse.add_into(w, sp, values)
-            return w if w.dtype == dtype else w.to(dtype)
-        w = self.kind.to_dense(weight, dtype)  # quantized bases: a fresh de-quantised temporary
-        return sparse.add_into(w, sp, values)
-
-
-class SparseOnlySource(_DenseSource):
-    """S alone as a dense temporary (no base weight): the extra adapters of a multi-adapter forward."""
-
-    def dense(self, weight, sp, values, dtype):
-        w = torch.zeros(sp.shape, dtype=dtype, device=values.device)
-        return sparse.add_into(w, sp, values)
-
-
-class QuantSpmmSource:
-    """4-bit bases without a dense ``W + S``: x·Wᵀ and g·W through the base kind's own 4-bit matmuls
-    (bounded, per-call de-quantisation), x·Sᵀ and g·S as SpMMs on the CSR (g·S over the cached transposed
-    structure), each added in float32 with a single rounding. ``dense`` (for callers that want W + S) is
-    ``SpAddSource``'s."""
-
-    def __init__(self, kind: BaseKind):
-        self.kind = kind
-
-    def dense(self, weight, sp, values, dtype):
-        return SpAddSource(self.kind).dense(weight, sp, values, dtype)
-
-    @staticmethod
-    def _has_sparse(sp, values) -> bool:
-        return sp is not None and values is not None and values.numel() > 0
-
-    def matmul(self, x, weight, sp, values, dtype):
-        out = self.kind.matmul(weight, x, dtype)
-        if self._has_sparse(sp, values):
-            out = out.add_(sparse.spmm(x, sp, values, out_dtype=_acc_dtype(dtype)))
-        return out
-
-    def matmul_t(self, g, weight, sp, values, dtype, acc=None):
-        acc = self.kind.matmul_t(weight, g, dtype, acc)
-        if self._has_sparse(sp, values):
-            acc = acc.add_(sparse.spmm_t(g, sp, values, out_dtype=_acc_dtype(dtype)))
-        return acc
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Backup(nn.Module):
@@ -506,7 +342,7 @@ class RosaLayer(nn.Module):
         """A fresh dense copy of W0 as (out, in) in ``dtype`` (dequantised for 4-bit bases), whatever the
         layer holds in its base weight right now (merged adapters excluded: those are part of the base)."""
         w = self.kind.to_dense(self.kind.weight(self.base_layer), dtype)
-        w = w.clone(memory_format=torch.contiguous_format) if self.kind.supports_merged else w
+        w = w if self.kind.fresh_dense else w.clone(memory_format=torch.contiguous_format)
         held = self._held
         if held is not None and not self.merged_adapters:
             sparse.write_into(w, self.rosa_spa[held], self.rosa_w0[held].values.to(dtype))

@@ -16,19 +16,20 @@ import functools
 import math
 import os
 import re
-import warnings
 from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from . import hub, modelcard
+from .bases import base_shape, resolve_base_kind
 from .config import CONFIG_NAME, RosaConfig
 from .embedding import RosaEmbedding
-from .io import atomic_save_safetensors
-from .layer import BASE_ONLY, RosaLayer, RosaLinear, base_shape
+from .layer import BASE_ONLY, RosaLayer, RosaLinear
 from .modules_to_save import (
+    SEP,
     ModulesToSaveWrapper,
+    find_modules_to_save,
     load_modules_to_save_state,
     modules_to_save_state_dict,
     modules_to_save_wrappers,
@@ -36,6 +37,8 @@ from .modules_to_save import (
     wrap_modules_to_save,
 )
 from .targets import find_targets_for
+from .utils.io import atomic_save_safetensors
+from .utils.model_loading import _ALIASES
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PARTS = ("lora_A.weight", "lora_B.weight", "rosa_spa.values", "rosa_spa.row_offsets", "rosa_spa.col_indices")
@@ -67,8 +70,6 @@ def _module_shape(module: nn.Module) -> tuple:
         return (module.out_features, module.in_features)
     if isinstance(module, nn.Embedding):
         return tuple(module.weight.shape)
-    from .layer import resolve_base_kind
-
     kind = resolve_base_kind(module)
     return base_shape(kind, module) if kind is not None else (module.out_features, module.in_features)
 
@@ -916,7 +917,6 @@ def _check_nnz_budget(source: str, config: RosaConfig, sparse: dict, model: nn.M
 
 
 def _check_modules_to_save_state(model: nn.Module, config: RosaConfig, state: dict, source: str) -> None:
-    from .modules_to_save import SEP, ModulesToSaveWrapper, find_modules_to_save
 
     given = {k: v for k, v in state.items() if _SAVE_PART in k}
     expected: dict[str, torch.Tensor] = {}
@@ -945,7 +945,6 @@ def _base_names(name: str) -> set[str]:
     """The names a base model goes by, for a lenient comparison: the string itself, its last path component
     (a local copy or a Hub id's repo name), the repo of a Hub cache path (``models--org--repo/snapshots/...``)
     and the embedded default model's aliases, all lower-case."""
-    from .models import _ALIASES
 
     text = str(name).strip().replace("\\", "/").rstrip("/")
     out = {text.lower()}

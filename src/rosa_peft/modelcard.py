@@ -6,7 +6,8 @@ import os
 import re
 from typing import Any, Optional
 
-from .io import atomic_write_text
+from .utils.io import atomic_write_text, read_json_object
+from .utils.model_loading import is_default_model
 
 log = logging.getLogger("rosa_peft.modelcard")
 
@@ -28,7 +29,7 @@ PIPELINE_TAGS = {
 AUTO_CLASSES = {"CAUSAL_LM": "AutoRosaModelForCausalLM", "SEQ_CLS": "AutoRosaModelForSequenceClassification"}
 # Task types -> the transformers Auto class of the base model.
 BASE_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification"}
-# The Hub id of the embedded default model (rosa_peft.models loads a de-quantised GGUF copy of it).
+# The Hub id of the embedded default model (rosa_peft.utils.model_loading loads a de-quantised GGUF copy of it).
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 _FRONT_MATTER = re.compile(r"\A\ufeff?---[ \t]*\r?\n(.*?)^---[ \t]*(?:\r?\n|\Z)", re.DOTALL | re.MULTILINE)
@@ -104,7 +105,6 @@ def write_model_card_from_dir(directory: str, *, repo_id: Optional[str] = None) 
     ``adapter_config.json`` is an adapter of that name. ``base_model`` comes from the first config
     that names one (else the existing card's ``base_model``). Used by :func:`rosa_peft.hub.push_adapter_to_hub`.
     """
-    from .io import read_json_object
 
     configs, folders = {}, {}
     if os.path.isfile(os.path.join(directory, "adapter_config.json")):
@@ -152,7 +152,6 @@ def _written_by_us(text: str) -> bool:
 
 
 def _is_default_model(name: Optional[str]) -> bool:
-    from .models import is_default_model
 
     return bool(name) and is_default_model(name)
 

@@ -13,6 +13,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from .utils.checks import UserError
+
 SEP = ".modules_to_save."
 
 
@@ -180,12 +182,12 @@ def _check_state(expected: dict, state: dict, what: str) -> None:
     extra = sorted(set(state) - set(expected))
     if missing or extra:
         parts = ([f"missing keys {missing}"] if missing else []) + ([f"unexpected keys {extra}"] if extra else [])
-        raise ValueError(f"{what}: {'; '.join(parts)}")
+        raise UserError(f"{what}: {'; '.join(parts)}")
     for key, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{what}: {key!r} is a {type(tensor).__name__}, not a tensor")
+            raise UserError(f"{what}: {key!r} is a {type(tensor).__name__}, not a tensor")
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{what}: {key!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
+            raise UserError(f"{what}: {key!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
 
 
 # ---- helpers a model calls ---------------------------------------------------------------------------
@@ -208,10 +210,11 @@ def find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     """Module names matched by ``names`` (exact name or dotted suffix), in module order.
 
     An already wrapped module is returned under its wrapper's name. A key matching nothing, a
-    module inside an existing wrapper, or matches nested in one another raise ValueError.
+    module inside an existing wrapper, or matches nested in one another raise
+    :class:`~rosa_peft.utils.checks.UserError`.
     """
     if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"modules_to_save must be a list of non-empty module names, got {names!r}")
+        raise UserError(f"modules_to_save must be a list of non-empty module names, got {names!r}")
     wrappers = modules_to_save_wrappers(model)
     inner = [f"{w}.original_module" for w in wrappers] + [f"{w}.modules_to_save" for w in wrappers]
     found: list[str] = []
@@ -224,17 +227,17 @@ def find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
         if not hits:
             owners = sorted({w for w in wrappers for h in hidden if _under(h, [w])})
             where = f" outside a modules_to_save wrapper (only inside {owners})" if hidden else ""
-            raise ValueError(f"modules_to_save entry {key!r} matches no module of the model{where}")
+            raise UserError(f"modules_to_save entry {key!r} matches no module of the model{where}")
         found.extend(h for h in hits if h not in found)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     found.sort(key=order.__getitem__)
     for name in found:
         inside = [other for other in found if other != name and name.startswith(other + ".")]
         if inside:
-            raise ValueError(f"modules_to_save: {name!r} is inside {inside[0]!r}, which is also listed; list one of them")
+            raise UserError(f"modules_to_save: {name!r} is inside {inside[0]!r}, which is also listed; list one of them")
         holds = [w for w in wrappers if w != name and w.startswith(name + ".")]
         if holds:
-            raise ValueError(f"modules_to_save: {name!r} contains the existing wrapper {holds[0]!r}")
+            raise UserError(f"modules_to_save: {name!r} contains the existing wrapper {holds[0]!r}")
     return found
 
 
@@ -280,7 +283,7 @@ def load_modules_to_save_state(model: nn.Module, state: dict[str, torch.Tensor],
         else:
             per_wrapper.setdefault(owner, {})[key[len(owner) + len(SEP):]] = tensor
     if stray:
-        raise ValueError(f"modules_to_save state for adapter {adapter_name!r}: key(s) "
+        raise UserError(f"modules_to_save state for adapter {adapter_name!r}: key(s) "
                          f"{sorted(stray)[:5]}{' ...' if len(stray) > 5 else ''} name no wrapped module "
                          f"with a copy for it (have {sorted(wrappers)})")
     for name, wrapper in wrappers.items():

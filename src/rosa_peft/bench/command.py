@@ -193,7 +193,7 @@ def _run_speed(args) -> int:
     mask scoring / step): one JSON + markdown row file under --output-dir."""
     import json
 
-    from ..io import atomic_write_text
+    from ..utils.io import atomic_write_text
 
     data_dir = os.environ.get("ROSA_PEFT_DATA_DIR")
     if args.suite == "eval":

@@ -15,12 +15,27 @@ from typing import Optional
 
 import torch
 
+from ..eval.generate import (
+    _batches,
+    _check,
+    _encode,
+    _model_device,
+    _new_token_counts,
+    _pad_id,
+    generate_with_counts,
+    torch_threads,
+    truncate_at_stop,
+)
+from ..eval.loading import load_for_eval
+from ..eval.protocols import get_protocol
+from ..eval.runner import load_examples
+from ..utils.checks import check_int
+
 __all__ = ["run_eval_speed"]
 
 
 def _plain_generate(model, tokenizer, encoded, batches, pad_id, max_new_tokens, stop):
     """Plain ``model.generate`` over ``batches``: ``(texts, token counts)`` in prompt order."""
-    from ..eval.generate import _model_device, _new_token_counts, truncate_at_stop
 
     texts, counts = [None] * len(encoded), [0] * len(encoded)
     device = _model_device(model)
@@ -62,17 +77,12 @@ def run_eval_speed(model_name: Optional[str] = None, task: str = "viggo", data_d
     tokens/s), ``outputs_match`` (the two give the same cut texts), ``s_per_example``, ``split_size``
     and ``projected_split_s`` (``rosa_s / n`` x the split's size: ``rosa eval`` on all of it).
     """
-    from ..eval.generate import _batches, _check, _encode, _pad_id, generate_with_counts, torch_threads
-    from ..eval.protocols import get_protocol
-    from ..eval.runner import load_examples
 
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    check_int("repeats", repeats, minimum=1)
     _check([], batch_size, max_new_tokens)
     task_obj, split, examples = load_examples(task, split, n_prompts, data_dir)
     split_size = len(task_obj.load(split))
     if model is None:
-        from ..eval.loading import load_for_eval
 
         model, tokenizer, info = load_for_eval(model_name, adapter, dtype=dtype)
         dtype = info["dtype"]

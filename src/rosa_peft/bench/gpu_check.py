@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Optional
 
-from ..io import atomic_write_text
+from ..utils.io import atomic_write_text
 
 BENCH_METHODS = "peft-lora,peft-qlora,peft-shira,rosa-merged,rosa-sp_add,qrosa,qrosa-bnb"
 SMOKE_METHODS = "peft-lora,rosa-merged,rosa-sp_add"
@@ -72,7 +72,7 @@ def _tiny_model(directory: str) -> str:
     """A tiny saved Llama with the embedded SmolLM2's tokenizer, for the smoke training (no download)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from ..models import default_model_dir
+    from ..utils.model_loading import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()))
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -86,7 +86,7 @@ def plan(output_dir: str, smoke: bool, repo: str, work: str) -> list[tuple[str, 
     """The steps to run: (name, argv, time limit in s, extra environment)."""
     py = sys.executable
     stem = "smoke" if smoke else "gpucheck"
-    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(repo, "tests", "test_triton_kernels.py")]
+    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(repo, "tests", "unit", "sparse", "test_triton_ops.py")]
     bench = [py, "-m", "rosa_peft.cli", "bench", "--suite", "all", "--no-progress", "--no-plot",
              "--output-dir", output_dir, "--name", f"{stem}-bench"]
     if smoke:

@@ -22,6 +22,10 @@ import threading
 import time
 from typing import Optional
 
+from . import methods as M
+from .shapes import ModelPreset, build_model
+from .step import make_batch, prepare, synchronize, train_step
+
 MB = 1024 * 1024
 
 
@@ -96,9 +100,6 @@ def measure(spec: dict) -> dict:
 
     import torch
 
-    from . import methods as M
-    from .shapes import ModelPreset, build_model
-    from .step import make_batch, prepare, synchronize, train_step
 
     torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
     device = spec.get("device", "cpu")

@@ -6,21 +6,30 @@ The budget is PEFT LoRA at rank ``lora_rank`` on all seven projections: ``sum rÂ
 * SpA (sparse only) and PEFT Super-Tuning with LoRA ("Supra") use the matching densities.
 * FFT trains everything; its count is reported, not matched.
 Masks for RoSA / SpA are random at the right density: which entries are chosen does not change speed.
+
+The rosa-peft rows are :class:`Variant` s of the training methods (``rosa_peft.train.methods``: LoRA-only,
+SpA, RoSA), optionally on a 4-bit base and with a chosen sparse ``impl``; their ``(r, density)`` at the
+budget come from the same :meth:`~rosa_peft.train.methods.Method.at_budget` as ``rosa train --budget``.
+The PEFT rows are built in ``peft_baselines`` (the only module that imports peft).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
+from .. import quant
+from ..config import RosaConfig
+from ..model import get_rosa_model
+from ..train.methods import METHODS
 from .shapes import LINEAR_NAMES, adapted_shapes
 
 STEP_METHODS = ("fft", "peft-lora", "peft-shira", "peft-supra", "lora", "spa", "rosa-merged", "rosa-sp_add")
 QUANT_METHODS = ("peft-qlora", "qlora", "qspa", "qrosa", "qrosa-spmm", "qlora-bnb", "qspa-bnb", "qrosa-bnb",
                  "qrosa-bnb-spmm")
-_BNB_METHODS = ("peft-qlora", "qlora-bnb", "qspa-bnb", "qrosa-bnb", "qrosa-bnb-spmm")
 ALL_METHODS = STEP_METHODS + QUANT_METHODS
 REFERENCE = "peft-lora"
 
@@ -45,6 +54,40 @@ LABELS = {
 }
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A rosa-peft row: training method ``method`` (train.methods), on a base quantized by ``quant``
+    (a quant backend, or None for the float base), with sparse implementation ``impl``."""
+
+    method: str
+    quant: Optional[str] = None
+    impl: str = "auto"
+
+
+VARIANTS = {
+    "lora": Variant("lora"), "spa": Variant("spa"), "rosa-merged": Variant("rosa", impl="merged"),
+    "rosa-sp_add": Variant("rosa", impl="sp_add"),
+    "qlora": Variant("lora", "torchao"), "qspa": Variant("spa", "torchao"), "qrosa": Variant("rosa", "torchao"),
+    "qrosa-spmm": Variant("rosa", "torchao", "spmm"),
+    "qlora-bnb": Variant("lora", "bnb"), "qspa-bnb": Variant("spa", "bnb"), "qrosa-bnb": Variant("rosa", "bnb"),
+    "qrosa-bnb-spmm": Variant("rosa", "bnb", "spmm"),
+}
+PEFT_QUANT = {"peft-qlora": "bnb"}  # PEFT rows on a quantized base: their quant backend
+# quant backend -> why a row on it cannot run here
+_NEEDS = {"torchao": "needs torchao for NF4 (pip install rosa-peft[quant])",
+          "bnb": "needs bitsandbytes (pip install rosa-peft[bnb])"}
+
+
+def base_quant(method: str) -> Optional[str]:
+    """The quant backend of ``method``'s base model; None for a float base."""
+    return VARIANTS[method].quant if method in VARIANTS else PEFT_QUANT.get(method)
+
+
+def params_per_rank(shapes: dict) -> int:
+    """Parameters of one LoRA rank over ``shapes`` ({module: (out, in)}): the sum of out + in."""
+    return sum(o + i for o, i in shapes.values())
+
+
 @dataclass
 class Budget:
     """Equal-parameter configuration shared by all methods in one run."""
@@ -66,13 +109,14 @@ class Budget:
         for name, (o, i) in shapes.items():
             if lora_rank > min(o, i):
                 raise ValueError(f"--budget-rank {lora_rank} exceeds min(out, in) = {min(o, i)} of {name}")
-        numel = sum(o * i for o, i in shapes.values())
-        target = sum(lora_rank * (o + i) for o, i in shapes.values())
-        rosa_lora = sum(rosa_rank * (o + i) for o, i in shapes.values())
-        b = cls(lora_rank, rosa_rank, dict(shapes), target)
-        b.rosa_density = (target - rosa_lora) / numel
-        b.spa_density = target / numel
+        b = cls(lora_rank, rosa_rank, dict(shapes), lora_rank * params_per_rank(shapes))
+        b.rosa_density = b.rank_density("rosa")[1]
+        b.spa_density = b.rank_density("spa")[1]
         return b
+
+    def rank_density(self, method: str) -> tuple[int, float]:
+        """``(r, density)`` of training method ``method`` at this budget (as ``rosa train --budget``)."""
+        return METHODS[method].at_budget(self.lora_rank, self.rosa_rank, params_per_rank(self.shapes), self.numel)
 
     @property
     def numel(self) -> int:
@@ -118,34 +162,22 @@ def requirement(method: str) -> Optional[str]:
     """None when ``method`` can run here, else a one-line reason."""
     if method.startswith("peft-") and not have("peft"):
         return "needs the 'peft' package (pip install rosa-peft[bench])"
-    if method in ("qlora", "qspa", "qrosa", "qrosa-spmm"):
-        from .. import quant
-
-        if not quant.backend_available("torchao"):
-            return "needs torchao for NF4 (pip install rosa-peft[quant])"
-    if method in _BNB_METHODS:
-        from .. import quant
-
-        if not quant.backend_available("bnb"):
-            return "needs bitsandbytes (pip install rosa-peft[bnb])"
+    backend = base_quant(method)
+    if backend is not None and not quant.backend_available(backend):
+        return _NEEDS[backend]
     return None
 
 
 def preload(method: str) -> None:
     """Import the libraries of *every* method (and the quant backend ``method`` needs), so that a
-    memory baseline taken afterwards excludes library code equally for all methods."""
+    memory baseline taken afterwards excludes library code equally for all methods (rosa-peft's own
+    modules are imported with this one)."""
     from transformers import LlamaForCausalLM  # noqa: F401
 
-    from .. import model  # noqa: F401
-    from ..sparse import ops  # noqa: F401
-
     if have("peft"):
-        import peft  # noqa: F401
-        from peft import LoraConfig, ShiraConfig, SupertuningConfig  # noqa: F401
+        from . import peft_baselines  # noqa: F401  (peft itself)
     if method in QUANT_METHODS:
-        from .. import quant
-
-        quant.ensure_registered(["bnb"] if method in _BNB_METHODS else ["torchao"])
+        quant.ensure_registered([base_quant(method)])
 
 
 def clear_mask_cache() -> None:
@@ -153,14 +185,11 @@ def clear_mask_cache() -> None:
 
 
 # ---- builders: each takes a fresh base model and returns the model to train -------------------------
-def _peft(model, config):
-    from peft import get_peft_model
-
-    return get_peft_model(model, config)
-
-
-def _targets() -> list[str]:
-    return list(LINEAR_NAMES)
+def _quantized(model, backend: Optional[str]):
+    if backend is None:
+        return model
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return quant.quantize_model(model, backend=backend, compute_dtype=dtype)
 
 
 def _build_fft(model, budget: Budget):
@@ -169,33 +198,18 @@ def _build_fft(model, budget: Budget):
     return model
 
 
-def _build_peft_lora(model, budget: Budget):
-    from peft import LoraConfig
+def _build_peft(name: str, model, budget: Budget):
+    from . import peft_baselines  # peft is optional: imported only for a PEFT row
 
-    return _peft(model, LoraConfig(r=budget.lora_rank, lora_alpha=2 * budget.lora_rank, lora_dropout=0.0,
-                                   target_modules=_targets(), bias="none"))
-
-
-def _build_peft_shira(model, budget: Budget):
-    from peft import ShiraConfig
-
-    return _peft(model, ShiraConfig(r=budget.lora_rank, target_modules=_targets(), random_seed=0))
+    return peft_baselines.BUILDERS[name](_quantized(model, PEFT_QUANT.get(name)), budget)
 
 
-def _build_peft_supra(model, budget: Budget):
-    from peft import SupertuningConfig
-
-    r = budget.rosa_rank or None
-    density = budget.rosa_density if r else budget.spa_density
-    return _peft(model, SupertuningConfig(target_modules=_targets(), sparsity=1.0 - density, r=r,
-                                          lora_alpha=(2 * r) if r else None))
-
-
-def _rosa(model, budget: Budget, r: int, density: float, impl: str = "auto"):
-    from ..config import RosaConfig
-    from ..model import get_rosa_model
-
-    cfg = RosaConfig(r=r, lora_alpha=2 * max(r, 1), density=density, target_modules=_targets(), impl=impl)
+def _build_variant(variant: Variant, model, budget: Budget):
+    """A rosa-peft row: the (quantized) base wrapped at the budget's (r, density) of the variant's method."""
+    model = _quantized(model, variant.quant)
+    r, density = budget.rank_density(variant.method)
+    cfg = RosaConfig(r=r, lora_alpha=2 * max(r, 1), density=density, target_modules=list(LINEAR_NAMES),
+                     impl=variant.impl)
     rm = get_rosa_model(model, cfg)
     if density > 0:
         device = next(model.parameters()).device
@@ -203,71 +217,10 @@ def _rosa(model, budget: Budget, r: int, density: float, impl: str = "auto"):
     return rm
 
 
-def _build_lora(model, budget):
-    return _rosa(model, budget, budget.lora_rank, 0.0)
-
-
-def _build_spa(model, budget):
-    return _rosa(model, budget, 0, budget.spa_density)
-
-
-def _build_rosa_merged(model, budget):
-    return _rosa(model, budget, budget.rosa_rank, budget.rosa_density, "merged")
-
-
-def _build_rosa_sp_add(model, budget):
-    return _rosa(model, budget, budget.rosa_rank, budget.rosa_density, "sp_add")
-
-
-def _quantized(model, backend: str):
-    from ..quant import quantize_model
-
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    return quantize_model(model, backend=backend, compute_dtype=dtype)
-
-
-def _build_peft_qlora(model, budget):
-    return _build_peft_lora(_quantized(model, "bnb"), budget)
-
-
-def _build_qlora(model, budget):
-    return _rosa(_quantized(model, "torchao"), budget, budget.lora_rank, 0.0)
-
-
-def _build_qspa(model, budget):
-    return _rosa(_quantized(model, "torchao"), budget, 0, budget.spa_density)
-
-
-def _build_qrosa(model, budget):
-    return _rosa(_quantized(model, "torchao"), budget, budget.rosa_rank, budget.rosa_density)
-
-
-def _build_qrosa_spmm(model, budget):
-    return _rosa(_quantized(model, "torchao"), budget, budget.rosa_rank, budget.rosa_density, "spmm")
-
-
-def _build_qrosa_bnb_spmm(model, budget):
-    return _rosa(_quantized(model, "bnb"), budget, budget.rosa_rank, budget.rosa_density, "spmm")
-
-
-def _build_qlora_bnb(model, budget):
-    return _rosa(_quantized(model, "bnb"), budget, budget.lora_rank, 0.0)
-
-
-def _build_qspa_bnb(model, budget):
-    return _rosa(_quantized(model, "bnb"), budget, 0, budget.spa_density)
-
-
-def _build_qrosa_bnb(model, budget):
-    return _rosa(_quantized(model, "bnb"), budget, budget.rosa_rank, budget.rosa_density)
-
-
 BUILDERS: dict[str, Callable] = {
-    "fft": _build_fft, "peft-lora": _build_peft_lora, "peft-shira": _build_peft_shira,
-    "peft-supra": _build_peft_supra, "lora": _build_lora, "spa": _build_spa, "rosa-merged": _build_rosa_merged,
-    "rosa-sp_add": _build_rosa_sp_add, "peft-qlora": _build_peft_qlora, "qlora": _build_qlora,
-    "qspa": _build_qspa, "qrosa": _build_qrosa, "qlora-bnb": _build_qlora_bnb, "qspa-bnb": _build_qspa_bnb,
-    "qrosa-bnb": _build_qrosa_bnb, "qrosa-spmm": _build_qrosa_spmm, "qrosa-bnb-spmm": _build_qrosa_bnb_spmm,
+    "fft": _build_fft,
+    **{name: functools.partial(_build_peft, name) for name in ALL_METHODS if name.startswith("peft-")},
+    **{name: functools.partial(_build_variant, variant) for name, variant in VARIANTS.items()},
 }
 
 

@@ -67,12 +67,8 @@ def random_adapter(out_f: int, in_f: int, density: float, device: str, seed: int
     return sp
 
 
-def _runnable(backend, device: str) -> bool:
-    return backend.name != "triton" or device.startswith("cuda")
-
-
 def _candidates(op: str, device: str):
-    return [b for b in dispatch._REGISTRY[op] if _runnable(b, device)]
+    return dispatch.candidates(op, torch.device(device).type)
 
 
 def bench_shape(out_f: int, in_f: int, density: float, *, tokens: int, dtype: torch.dtype, device: str,

@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from ..plots import import_pyplot
+from ..utils.io import atomic_write_text
+from ..utils.plots import close_png, import_pyplot
 
 
 def environment(device: str, threads: int) -> dict:
@@ -137,9 +138,7 @@ def plot(result: dict, path: Path) -> Optional[str]:
         ax.set_ylabel("× PEFT LoRA")
         ax.set_title(block["preset"]["name"])
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    close_png(fig, plt, str(path))
     return None
 
 
@@ -153,10 +152,10 @@ def write(result: dict, out_dir: str, want_plot: bool = True) -> list[str]:
     result["profile_files"] = []
     for key, table in profiles.items():
         name = f"{stem}-profile-{key.replace('/', '-')}.txt"
-        (d / name).write_text(f"# torch.profiler, one training step: {key}\n\n{table}\n", encoding="utf-8")
+        atomic_write_text(str(d / name), f"# torch.profiler, one training step: {key}\n\n{table}\n")
         result["profile_files"].append(name)
-    (d / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (d / f"{stem}.md").write_text(markdown(result) + "\n", encoding="utf-8")
+    atomic_write_text(str(d / f"{stem}.json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(str(d / f"{stem}.md"), markdown(result) + "\n")
     messages.append(f"wrote {d / (stem + '.json')} and {d / (stem + '.md')}")
     if want_plot:
         msg = plot(result, d / f"{stem}.png")

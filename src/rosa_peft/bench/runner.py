@@ -5,7 +5,9 @@ from typing import Callable
 
 from . import methods as M
 from .memory import measure_subprocess
-from .report import environment
+from .ops import run_ops_suite
+from .report import environment, step_table
+from .step import add_ratios, run_step_suite
 
 # Acceptance targets (issue "Kernels and benchmarks", acceptance 2) checked in the notes.
 TARGET_TIME_RATIO = 1.10
@@ -65,8 +67,6 @@ def acceptance_notes(results: list[dict]) -> list[str]:
 
 
 def run_all(cfg: dict, progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    from .ops import run_ops_suite
-    from .step import run_step_suite
 
     result = {"config": {k: v for k, v in cfg.items() if k not in ("torch_dtype", "presets")},
               "environment": environment(cfg["device"], cfg["threads"]), "notes": [], "step": [], "ops": [],
@@ -84,14 +84,12 @@ def run_all(cfg: dict, progress: bool = True, log: Callable[[str], None] = print
             progress=progress, log=log, profile=profile)
         how = None
         if cfg["memory"] == "subprocess":
-            from .step import add_ratios
 
             how = _memory(results, preset, cfg, progress, log)
             add_ratios(results)
         rows = [r.to_dict() for r in results]
         result["step"].append({"preset": preset.to_dict(), "budget": budget.to_dict(), "memory_how": how,
                                "results": rows, "notes": acceptance_notes(rows)})
-        from .report import step_table
 
         log(step_table(rows))
         for method, table in profiles.items():

@@ -7,6 +7,7 @@ step times is reported, with tokens/s and the ratio to PEFT LoRA.
 
 Peak memory is measured separately (``memory.py``): each method runs a few steps in a fresh
 subprocess, because process RSS cannot be attributed to one of several models living in one process.
+``--profile`` runs one more step of a method under ``torch.profiler`` (:func:`profile_step`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
+from tqdm.auto import tqdm
 
 from . import methods as M
 from .shapes import ModelPreset, build_model
@@ -61,6 +65,22 @@ def train_step(model, optimizer, ids: torch.Tensor) -> None:
     optimizer.step()
 
 
+def profile_step(model, optimizer, ids: torch.Tensor, device: str, rows: int = 25) -> str:
+    """Run one step under the profiler; return the top ``rows`` ops by self time as a text table."""
+    activities = [ProfilerActivity.CPU]
+    sort = "self_cpu_time_total"
+    if device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+        sort = "self_cuda_time_total"
+    train_step(model, optimizer, ids)  # not profiled: caches, lazy state
+    synchronize(device)
+    with torch_profile(activities=activities, record_shapes=True) as prof:
+        train_step(model, optimizer, ids)
+        synchronize(device)
+    return prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=rows, max_name_column_width=48,
+                                                              max_shapes_column_width=60)
+
+
 def make_optimizer(params):
     return torch.optim.AdamW(params, lr=1e-5)
 
@@ -90,8 +110,6 @@ def run_step_suite(preset: ModelPreset, methods: list[str], *, dtype: torch.dtyp
 
     Returns per-method results, the shared budget, and {method: profiler table} for ``profile``.
     """
-    from tqdm.auto import tqdm
-
     template = build_model(preset, dtype, device)
     budget = M.budget_for(template, lora_rank, rosa_rank)
     results, live = [], {}
@@ -135,8 +153,6 @@ def run_step_suite(preset: ModelPreset, methods: list[str], *, dtype: torch.dtyp
     profiles = {}
     for method in profile:
         if method in live:
-            from .profile import profile_step
-
             profiles[method] = profile_step(*live[method], ids, device)
     for r in results:
         if r.times_s:

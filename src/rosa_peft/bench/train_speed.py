@@ -24,6 +24,13 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..config import RosaConfig
+from ..masks import compute as masks
+from ..masks import compute_masks
+from ..model import get_rosa_model
+from ..tasks import Collator, build_dataset, get_task
+from ..utils.model_loading import load_model
+
 VARIANTS = {
     "before": {"dtype": "float32", "freeze_while_scoring": False},
     "after": {"dtype": "float32", "freeze_while_scoring": True},
@@ -34,7 +41,6 @@ VARIANTS = {
 @contextlib.contextmanager
 def _scoring_like(freeze: bool):
     """``freeze=False``: the earlier scoring, which left every parameter's requires_grad as it was."""
-    from .. import masks
 
     if freeze:
         yield
@@ -73,11 +79,6 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
                     seed: int = 0, progress: bool = False, stat: str = "min") -> Dict:
     """Seconds per training example (batch size 1, as ``rosa train``'s default) per variant, the
     scoring / step ratios and the projected time of one epoch; returns a JSON-ready dict with ``rows``."""
-    from ..config import RosaConfig
-    from ..masks import compute_masks
-    from ..model import get_rosa_model
-    from ..models import load_model
-    from ..tasks import Collator, build_dataset, get_task
 
     if stat not in ("min", "median"):
         raise ValueError(f"stat must be 'min' or 'median', got {stat!r}")

@@ -12,8 +12,27 @@ import os
 import sys
 
 from ..options import DTYPES, QUANT_BACKENDS, QUANTIZE, add_deprecated_alias, check_optional_dependencies
-from .metrics import GSM8K_PROTOCOLS
-from .protocols import FILE_PROTOCOL_TASKS, PROTOCOL_TASKS
+from ..tasks import TASKS, task_names
+from ..tasks.gsm8k import GSM8K_PROTOCOLS
+from ..tasks.registry import task_key
+from ..utils.io import atomic_write_text
+from .loading import check_adapter_dir, load_for_eval
+from .protocols import get_protocol
+from .runner import evaluate, format_summary, load_examples, write_report
+
+
+def _file_tasks() -> str:
+    """The evaluable tasks read from a file the user names (``--data``), e.g. ``jsonl``."""
+    return " / ".join(task_names(evaluable=True, needs_path=True))
+
+
+def _bounds_help() -> str:
+    """Each evaluable task's default generated-token bound, from its protocol."""
+    parts = []
+    for name in task_names(evaluable=True):
+        protocol = get_protocol(name)
+        parts.append(f"{name} {protocol.max_new_tokens or protocol.max_new_tokens_help}")
+    return ", ".join(parts)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="package doing --quantize: torchao (extra [quant]) or bitsandbytes (extra [bnb])")
     d = p.add_argument_group("data")
     d.add_argument("--task", default=None,
-                   help=f"one of {', '.join(PROTOCOL_TASKS + FILE_PROTOCOL_TASKS)} (jsonl: see --data); "
+                   help=f"one of {', '.join(task_names(evaluable=True))} ({_file_tasks()}: see --data); "
                         "required unless --compare (default: none)")
     d.add_argument("--data", default=None, metavar="PATH",
                    help="jsonl task: the .jsonl file to evaluate, one JSON object per line (default: none)")
@@ -48,8 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batch-size", type=int, default=8, metavar="N", help="prompts per generate call")
     add_deprecated_alias(p, "--batch-size", "--eval-batch-size", "eval_batch_size", type=int)
     g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="generated-token bound (default: per task: gsm8k 256, viggo 128, sql 192, jsonl the "
-                        "longest gold response + 16)")
+                   help=f"generated-token bound (default: per task: {_bounds_help()})")
     g.add_argument("--max-seq-len", type=int, default=512, metavar="N",
                    help="jsonl task: tokens of prompt + response scored for the loss (as rosa train's)")
     g.add_argument("--stop", action="append", default=None, metavar="STR",
@@ -101,8 +119,6 @@ def run_compare(args) -> int:
         if path:
             _check_output(path)
     if args.output:
-        from ..io import atomic_write_text
-
         atomic_write_text(args.output, table)
         print(f"wrote {args.output}", file=sys.stderr)
     if png and plot(rows, png):
@@ -114,7 +130,7 @@ def run_compare(args) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.compare is not None:
         return run_compare(args)
-    tasks = PROTOCOL_TASKS + FILE_PROTOCOL_TASKS
+    tasks = task_names(evaluable=True)
     if not args.task:
         raise ValueError(f"--task is required (one of {', '.join(tasks)}), or use --compare RUN_DIR...")
     _positive("--eval-batch-size", args.eval_batch_size)
@@ -123,23 +139,17 @@ def run(args: argparse.Namespace) -> int:
     _positive("--threads", args.threads)
     if args.max_seq_len < 2:
         raise ValueError(f"--max-seq-len must be an integer >= 2, got {args.max_seq_len}")
-    from .loading import check_adapter_dir, load_for_eval
-    from .protocols import get_protocol
-    from .runner import evaluate, format_summary, load_examples, write_report
-
     if args.adapter:
         check_adapter_dir(args.adapter)
-    from ..tasks import TASKS
-
-    key = args.task.strip().lower().replace("_", "-")
+    key = task_key(args.task)
     task_options = {}
-    if key == "jsonl":
+    if key in TASKS and TASKS[key].needs_path:
         if not args.data:
-            raise ValueError("--task jsonl needs --data PATH (the .jsonl file to evaluate)")
+            raise ValueError(f"--task {key} needs --data PATH (the .jsonl file to evaluate)")
         task_options = dict(path=args.data, eval_path=args.data, prompt_field=args.prompt_field,
                             response_field=args.response_field)
     elif args.data:
-        raise ValueError(f"--data is for --task jsonl; task {args.task!r} reads its files from --data-dir")
+        raise ValueError(f"--data is for --task {_file_tasks()}; task {args.task!r} reads its files from --data-dir")
     stop = None if args.stop is None else [codecs.decode(s, "unicode_escape") for s in args.stop]
     options = dict(gsm8k_protocol=args.gsm8k_protocol, sql_paper_prompt=args.sql_paper_prompt,
                    sql_case_insensitive=not args.sql_case_sensitive, sql_timeout_s=args.sql_timeout,

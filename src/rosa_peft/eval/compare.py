@@ -18,13 +18,12 @@ import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
-from ..io import read_json_object
-from ..plots import finish, pyplot_or_none
+from ..train.methods import label_of
+from ..utils.checks import check_int, is_real
+from ..utils.io import read_json_object
+from ..utils.plots import finish, pyplot_or_none
 
 RUN_KEYS = ("method", "r", "density", "task", "trainable_params")
-METHOD_LABELS = {"rosa": "RoSA", "lora": "LoRA", "spa": "SpA", "fft": "FFT"}
-
-
 
 
 def read_run(run_dir: str) -> List[dict]:
@@ -39,8 +38,7 @@ def read_run(run_dir: str) -> List[dict]:
     if missing:
         raise ValueError(f"{config_path}: missing key(s) {', '.join(missing)}")
     params = config["trainable_params"]
-    if isinstance(params, bool) or not isinstance(params, int) or params < 0:
-        raise ValueError(f"{config_path}: key 'trainable_params' must be a non-negative integer, got {params!r}")
+    check_int(f"{config_path}: key 'trainable_params'", params, minimum=0)
     reports = sorted(glob.glob(os.path.join(run_dir, "eval*.json")))
     if not reports:
         raise FileNotFoundError(f"run directory {run_dir} has no eval*.json (run: rosa eval --adapter {run_dir} ...)")
@@ -51,7 +49,7 @@ def read_run(run_dir: str) -> List[dict]:
         if report.get("format") != "rosa-eval/1" or not isinstance(summary, dict):
             raise ValueError(f"{path}: not a rosa eval report (expected 'format': 'rosa-eval/1' and a 'summary')")
         accuracy = summary.get("accuracy")
-        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
+        if not is_real(accuracy):
             raise ValueError(f"{path}: key 'summary.accuracy' must be a number")
         rows.append({
             "run": os.path.basename(os.path.normpath(run_dir)), "run_dir": run_dir, "report": path,
@@ -91,7 +89,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
     header = ["Method", "r", "d", "Trainable params"] + columns
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * len(columns)) + "|"]
     for (method, r, density, params), cells in groups.items():
-        out = [METHOD_LABELS.get(method.lower(), method), str(r if r else "-"), _density(density), f"{params:,}"]
+        out = [label_of(method), str(r if r else "-"), _density(density), f"{params:,}"]
         for column in columns:
             values = cells.get(column)
             if not values:
@@ -118,7 +116,7 @@ def plot(rows: Sequence[dict], png_path: str) -> Optional[str]:
         for method, points in sorted(by_method.items()):
             xs = sorted(points)
             ys = [100 * sum(points[x]) / len(points[x]) for x in xs]
-            ax.plot([max(x, 1) for x in xs], ys, marker="o", label=METHOD_LABELS.get(method.lower(), method))
+            ax.plot([max(x, 1) for x in xs], ys, marker="o", label=label_of(method))
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("accuracy (%)")

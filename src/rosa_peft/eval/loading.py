@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from ..io import read_json_object
+from ..bases import QUANT_BACKENDS, QUANT_SCHEMES
+from ..utils.io import read_json_object
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-QUANTIZE_CHOICES = ("nf4",)
+QUANTIZE_CHOICES = QUANT_SCHEMES
 
 
 def check_adapter_dir(adapter_dir: str) -> str:
@@ -40,14 +41,12 @@ def _quantizer(quantize: Optional[str], backend: str):
     fn = getattr(rosa_peft, "quantize_model", None)
     if fn is None:
         raise ValueError(f"--quantize {quantize} is not available: this rosa_peft build has no quantize_model")
-    try:
-        from ..quant import BACKENDS, backend_available
-    except ImportError:
-        return fn
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown --quant-backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if not backend_available(backend):
-        pkg = {"torchao": "torchao", "bnb": "bitsandbytes"}.get(backend, backend)
+    if backend not in QUANT_BACKENDS:
+        raise ValueError(f"unknown --quant-backend {backend!r}; choose from {', '.join(QUANT_BACKENDS)}")
+    from .. import quant  # imports torch: only once a quantized load is asked for
+
+    if not quant.backend_available(backend):
+        pkg = QUANT_BACKENDS[backend].package
         raise ValueError(f"--quantize {quantize} with --quant-backend {backend} needs the {pkg} package "
                          f"(pip install {pkg}), which is not importable")
     return fn
@@ -103,7 +102,7 @@ def load_for_eval(model: Optional[str] = None, adapter: Optional[str] = None, dt
         merge = default_merge(adapter_path, quantize)
     import torch
 
-    from ..models import load_model
+    from ..utils.model_loading import load_model
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,6 +5,8 @@ from typing import Sequence
 
 import torch
 
+from ..tasks import Collator, build_dataset
+
 
 @torch.no_grad()
 def response_loss(model, tokenizer, examples: Sequence, *, max_seq_len: int = 512, batch_size: int = 8) -> float:
@@ -13,8 +15,6 @@ def response_loss(model, tokenizer, examples: Sequence, *, max_seq_len: int = 51
     Examples are encoded exactly as for training (``rosa_peft.tasks.build_dataset``); the loss is
     summed over tokens across batches, so padding and batch size do not change the value.
     """
-    from ..tasks import Collator, build_dataset
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dataset = build_dataset(list(examples), tokenizer, max_seq_len=max_seq_len)

@@ -17,8 +17,11 @@ import json
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from ..io import atomic_write_text
+from ..tasks import get_task
+from ..utils.checks import check_int
+from ..utils.io import atomic_write_text
 from .generate import generate
+from .loss import response_loss
 from .protocols import EvalProtocol, get_protocol, score_all
 
 FORMAT = "rosa-eval/1"
@@ -29,12 +32,10 @@ def load_examples(task, split: Optional[str] = None, limit: Optional[int] = None
     """``(task, split, examples)``; the split defaults to the task's eval split. Errors on no examples.
 
     ``task_options`` go to the task's constructor when ``task`` is a name (e.g. ``path=`` for jsonl)."""
-    from ..tasks import get_task
-
     task_obj = get_task(task, data_dir=data_dir, **task_options) if isinstance(task, str) else task
     split = task_obj.check_split(split or task_obj.eval_split)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    if limit is not None:
+        check_int("limit", limit, 1)
     examples = task_obj.load(split, limit=limit)
     if not examples:
         raise ValueError(f"task {task_obj.name!r} split {split!r} has no examples")
@@ -74,8 +75,6 @@ def evaluate(model, tokenizer, task, *, split: Optional[str] = None, limit: Opti
     records = score_all(protocol, examples, generations, prompts)
     summary = protocol.summarize(records)
     if protocol.options.get("loss"):
-        from .loss import response_loss
-
         summary["loss"] = response_loss(model, tokenizer, examples, batch_size=batch_size,
                                         max_seq_len=protocol.options["loss_max_seq_len"])
     elapsed = time.time() - t0

@@ -2,15 +2,19 @@
 
 Backends register per op; ``choose(op, ...)`` picks by device, dtype, shape and density. The decision
 is inspectable: ``explain()`` returns it as text, and ``ROSA_PEFT_SPARSE_BACKEND=name`` forces one
-backend for every op that has it (for tests and benchmarks). The Triton backends (``triton_ops.py``,
-name ``triton``) register lazily on first CUDA use or when forced; ``ROSA_PEFT_NO_TRITON=1`` keeps them out.
+backend for every op that has it (for tests and benchmarks). Backends with an optional dependency live
+in their own module, listed in :data:`LAZY_BACKENDS` (name -> module, device types): such a module is
+imported on the first call on one of its devices, or when its name is forced, and its
+``register_backends(register, Backend)`` puts its kernels in the registry; ``ROSA_PEFT_NO_<NAME>=1``
+(e.g. ``ROSA_PEFT_NO_TRITON=1``) keeps it out. A new kernel backend is that module plus one line here.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -32,7 +36,12 @@ class Backend:
 
 
 _REGISTRY: dict[str, list[Backend]] = {"sddmm": [], "add_into": [], "write_into": [], "spmm": [], "spmm_t": []}
-_TRITON_LOADED = False
+
+# backend name -> (the module that registers it, the device types it runs on); imported on first use
+LAZY_BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "triton": ("rosa_peft.sparse.triton_ops", ("cuda",)),
+}
+_LOADED: set[str] = set()  # lazy backends already tried (loaded or not importable)
 
 
 def register(op: str, backend: Backend, first: bool = False) -> None:
@@ -42,7 +51,15 @@ def register(op: str, backend: Backend, first: bool = False) -> None:
 
 
 def backends(op: str) -> list[str]:
+    """The names of the backends registered for ``op``, in the order :func:`choose` tries them."""
     return [b.name for b in _REGISTRY.get(op, [])]
+
+
+def candidates(op: str, device_type: str) -> list[Backend]:
+    """The registered backends of ``op`` that can run on ``device_type`` (loading lazy ones first)."""
+    _load_lazy(device_type)
+    return [b for b in _REGISTRY.get(op, [])
+            if b.name not in LAZY_BACKENDS or device_type in LAZY_BACKENDS[b.name][1]]
 
 
 def _density(sp: SparseAdapter) -> float:
@@ -64,24 +81,25 @@ register(
 )
 
 
-def _load_triton(device_type: str) -> None:
-    """Register the Triton backends (triton_ops.py) on first CUDA use or when forced; never at import."""
-    global _TRITON_LOADED
-    if _TRITON_LOADED or os.environ.get("ROSA_PEFT_NO_TRITON") not in (None, "", "0"):
-        return
-    if device_type != "cuda" and os.environ.get("ROSA_PEFT_SPARSE_BACKEND") != "triton":
-        return
-    _TRITON_LOADED = True
-    try:
-        from .triton_ops import register_backends
-    except Exception as exc:  # triton absent or unusable: the torch backends stay
-        log.debug("Triton sparse backends unavailable: %s", exc)
-        return
-    register_backends(register, Backend)
+def _load_lazy(device_type: str) -> None:
+    """Register the lazy backends (:data:`LAZY_BACKENDS`) this call needs; never at import."""
+    forced = os.environ.get("ROSA_PEFT_SPARSE_BACKEND")
+    for name, (module, devices) in LAZY_BACKENDS.items():
+        if name in _LOADED or os.environ.get(f"ROSA_PEFT_NO_{name.upper()}") not in (None, "", "0"):
+            continue
+        if device_type not in devices and forced != name:
+            continue
+        _LOADED.add(name)
+        try:
+            register_backends = importlib.import_module(module).register_backends
+        except Exception as exc:  # the optional dependency is absent or unusable: the torch backends stay
+            log.debug("%s sparse backends unavailable: %s", name, exc)
+            continue
+        register_backends(register, Backend)
 
 
 def choose(op: str, device_type: str, dtype: torch.dtype, sp: SparseAdapter) -> Backend:
-    _load_triton(device_type)
+    _load_lazy(device_type)
     entries = _REGISTRY[op]
     forced = os.environ.get("ROSA_PEFT_SPARSE_BACKEND")
     if forced:

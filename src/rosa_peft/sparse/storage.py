@@ -11,18 +11,20 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..config import INDEX_DTYPES
+from ..utils.checks import check_choice
+
 INT16_MAX = torch.iinfo(torch.int16).max
 
 
 def index_dtype_for(n_cols: int, requested: str = "int32") -> torch.dtype:
+    check_choice("index_dtype", requested, INDEX_DTYPES)
     if requested == "int16":
         if n_cols - 1 > INT16_MAX:
             raise ValueError(
                 f"index_dtype='int16' cannot address {n_cols} columns (int16 holds at most {INT16_MAX + 1}); use 'int32'"
             )
         return torch.int16
-    if requested != "int32":
-        raise ValueError(f"index_dtype must be 'int32' or 'int16', got {requested!r}")
     return torch.int32
 
 

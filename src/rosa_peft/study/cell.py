@@ -9,11 +9,11 @@ import argparse
 import logging
 import sys
 
+from .config import load_config
+from .runner import run_cell
+
 
 def main(argv=None) -> int:
-    from .config import load_config
-    from .runner import run_cell
-
     p = argparse.ArgumentParser(prog="python -m rosa_peft.study.cell", description=__doc__.splitlines()[0])
     p.add_argument("config")
     p.add_argument("cell", help="the cell's name, as `rosa study CONFIG --dry-run` lists it")

@@ -12,7 +12,8 @@ import logging
 import sys
 
 from ..options import find_config, packaged_configs
-from .config import Cell, StudyConfig, load_config
+from .config import load_config
+from .runner import cell_status, run_study
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,26 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(peak RSS then accumulates across cells)")
 
 
-def train_options(study: StudyConfig, cell: Cell, output_dir: str, progress: bool = False):
-    """The ``TrainOptions`` of ``cell`` (config ``train:`` + task overrides + the cell's method/seed)."""
-    from ..train.run import TrainOptions
-
-    values = dict(cell.train)
-    values.update(model=study.model, task=cell.task, data_dir=study.data_dir, method=cell.method, r=cell.r,
-                  density=cell.density, budget=cell.budget, seed=cell.seed, output_dir=output_dir,
-                  progress=progress)
-    if cell.rosa_lora_fraction is not None:
-        values["rosa_lora_fraction"] = cell.rosa_lora_fraction
-    return TrainOptions(**values)
-
-
 def _err(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .runner import cell_status, run_study
-
     study = load_config(find_config(args.config), output_dir=args.output_dir)
     if args.dry_run:
         status = cell_status(study)

@@ -10,7 +10,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..train.run import METHODS, TrainOptions
+import yaml
+
+from ..tasks import task_names
+from ..train.methods import METHODS
+from ..train.run import TrainOptions
+from ..utils.checks import is_int, is_real
 
 TOP_KEYS = ("output_dir", "model", "data_dir", "tasks", "methods", "seeds", "train", "eval", "task_overrides")
 ENTRY_KEYS = ("method", "r", "density", "budget", "rosa_lora_fraction", "name", "seeds", "train")
@@ -46,6 +51,16 @@ class Cell:
         """What defines the cell's result: a finished cell whose stored spec differs is not reused."""
         return dataclasses.asdict(self)
 
+    def train_options(self, study: "StudyConfig", output_dir: str, progress: bool = False) -> TrainOptions:
+        """The cell's ``TrainOptions``: config ``train:`` + task overrides + the cell's method and seed."""
+        values = dict(self.train)
+        values.update(model=study.model, task=self.task, data_dir=study.data_dir, method=self.method, r=self.r,
+                      density=self.density, budget=self.budget, seed=self.seed, output_dir=output_dir,
+                      progress=progress)
+        if self.rosa_lora_fraction is not None:
+            values["rosa_lora_fraction"] = self.rosa_lora_fraction
+        return TrainOptions(**values)
+
 
 @dataclass
 class StudyConfig:
@@ -59,12 +74,7 @@ class StudyConfig:
     cells: List[Cell]
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+_is_int, _is_num = is_int, is_real
 
 
 def _check_train_value(where: str, key: str, value) -> None:
@@ -122,9 +132,10 @@ def _check_entry(i: int, raw) -> dict:
     if isinstance(raw, str):
         raw = {"method": raw}
     entry = _check_mapping(where, raw, ENTRY_KEYS)
-    method = entry.get("method")
-    if method not in METHODS:
-        raise StudyConfigError(f"{where}.method: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    method = METHODS.get(entry.get("method")) if isinstance(entry.get("method"), str) else None
+    if method is None:
+        raise StudyConfigError(f"{where}.method: unknown method {entry.get('method')!r}; "
+                               f"choose one of {', '.join(METHODS)}")
     r, d, b = entry.get("r"), entry.get("density"), entry.get("budget")
     if r is not None and (not _is_int(r) or r < 1):
         raise StudyConfigError(f"{where}.r: expected an integer >= 1, got {r!r}")
@@ -137,25 +148,21 @@ def _check_entry(i: int, raw) -> dict:
         raise StudyConfigError(f"{where}.rosa_lora_fraction: expected a number in (0, 1), got {frac!r}")
     if b is not None and (r is not None or d is not None):
         raise StudyConfigError(f"{where}: give either budget or r/density, not both")
-    if method == "fft" and (r is not None or d is not None or b is not None):
-        raise StudyConfigError(f"{where}: method fft takes no r, density or budget")
-    if method == "lora" and d is not None:
-        raise StudyConfigError(f"{where}.density: method lora has no sparse part")
-    if method == "spa" and r is not None:
-        raise StudyConfigError(f"{where}.r: method spa has no low-rank part")
+    if not method.wraps_adapter and (r is not None or d is not None or b is not None):
+        raise StudyConfigError(f"{where}: method {method.name} takes no r, density or budget")
+    if not method.sparse and d is not None:
+        raise StudyConfigError(f"{where}.density: method {method.name} has no sparse part")
+    if not method.low_rank and r is not None:
+        raise StudyConfigError(f"{where}.r: method {method.name} has no low-rank part")
     name = entry.get("name")
     if name is not None and (not isinstance(name, str) or not name or "/" in name or name.startswith(".")):
         raise StudyConfigError(f"{where}.name: expected a plain directory-name string, got {name!r}")
     if name is None:
-        if b is not None:
-            name = f"{method}-b{b}"
-        elif method == "fft":
-            name = "fft"
-        else:
-            # the defaults rosa_training would pick, made explicit so the directory names the cell fully
-            r_, d_ = TrainOptions(method=method, r=r, density=d).resolved_rank_density(None)
-            entry["r"], entry["density"] = (r_ if method != "spa" else None), (d_ if method != "lora" else None)
-            name = method + (f"-r{r_}" if method != "spa" else "") + (f"-d{_fmt(d_)}" if method != "lora" else "")
+        if b is None:
+            # the defaults training would pick, made explicit so the directory names the cell fully
+            r, d = method.resolve(r, d)
+            entry["r"], entry["density"] = (r if method.low_rank else None), (d if method.sparse else None)
+        name = method.cell_name(r, d, b)
         if frac is not None:
             name += f"-f{_fmt(frac)}"
     entry["name"] = name
@@ -175,10 +182,6 @@ def _check_seeds(where: str, seeds) -> List[int]:
 
 def load_config(path: str, output_dir: Optional[str] = None) -> StudyConfig:
     """Read, validate and expand ``path``; ``output_dir`` overrides the config's."""
-    import yaml
-
-    from ..eval.protocols import PROTOCOL_TASKS
-
     try:
         with open(path, encoding="utf-8") as fh:
             raw = yaml.safe_load(fh)
@@ -188,7 +191,7 @@ def load_config(path: str, output_dir: Optional[str] = None) -> StudyConfig:
         raise StudyConfigError(f"{path}: not valid YAML ({exc})") from None
     try:
         cfg = _check_mapping("config", raw, TOP_KEYS)
-        return _expand(path, cfg, output_dir, PROTOCOL_TASKS)
+        return _expand(path, cfg, output_dir, tuple(task_names(evaluable=True, needs_path=False)))
     except StudyConfigError as exc:
         raise StudyConfigError(f"{path}: {exc}") from None
 

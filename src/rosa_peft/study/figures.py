@@ -13,23 +13,30 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from fractions import Fraction
 from typing import Dict, List, Optional, Sequence
 
-from ..eval.compare import METHOD_LABELS
-from ..io import read_jsonl
-from ..plots import finish, pyplot_or_none
-from .table import BUDGET_TOLERANCE, DEFAULT_COLUMNS, NUMERIC, TASK_COLUMNS, budget_groups, in_budget, mean_sd
+import numpy as np
+
+from ..train.methods import METHODS, label_of
+from ..utils.io import read_jsonl
+from ..utils.plots import finish, pyplot_or_none
+from .table import BUDGET_TOLERANCE, NUMERIC, budget_groups, has_budget, in_budget, mean_sd, task_columns
 
 
 def _pyplot():
     return pyplot_or_none("rosa study")
 
 
+def _is(method: str, kind: str) -> bool:
+    """Whether ``method`` is ``mixed`` / ``rank_only`` (see :class:`Method`); False for an unknown name."""
+    return method in METHODS and getattr(METHODS[method], kind)
+
+
 def series_label(record: dict) -> str:
     """RoSA entries are told apart by the low-rank share of their budget; other methods by name."""
-    method = record["method"]
-    label = METHOD_LABELS.get(method, method)
-    if method == "rosa":
+    label = label_of(record["method"])
+    if _is(record["method"], "mixed"):
         r, d = record["train"]["r"], record["train"]["density"]
         return f"{label} r{r} d{100 * d:.2g}%"
     return label
@@ -38,22 +45,20 @@ def series_label(record: dict) -> str:
 def rosa_mix(record: dict, records: Sequence[dict]) -> Optional[str]:
     """A RoSA cell's share of its budget in the low-rank part ("3/4"), found from the LoRA cell of the same
     task with (within ``BUDGET_TOLERANCE``) the same trainable parameters; None when there is none."""
-    from fractions import Fraction
-
     params = record["train"]["trainable_params"]
     for other in records:
-        if (other["task"] == record["task"] and other["method"] == "lora" and other["train"]["r"]
+        if (other["task"] == record["task"] and _is(other["method"], "rank_only") and other["train"]["r"]
                 and abs(other["train"]["trainable_params"] - params) <= BUDGET_TOLERANCE * params):
             return str(Fraction(record["train"]["r"], other["train"]["r"]).limit_denominator(16))
     return None
 
 
 def metric_panels(records: Sequence[dict]) -> List[tuple]:
-    """(task, column title, getter) per panel: the task's table metrics (``table.TASK_COLUMNS``)."""
+    """(task, column title, getter) per panel: the task's table metrics (``table.task_columns``)."""
     getters = {key: getter for key, getter, _ in NUMERIC}
     panels = []
     for task in OrderedDict.fromkeys(r["task"] for r in records):
-        for title, key in TASK_COLUMNS.get(task, DEFAULT_COLUMNS):
+        for title, key in task_columns(task):
             panels.append((task, title, getters[key]))
     return panels
 
@@ -66,7 +71,6 @@ def plot_accuracy(records: Sequence[dict], path: str) -> Optional[str]:
         return None
     panels = metric_panels(records)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    markers = {"lora": "o", "spa": "s", "rosa": "^", "fft": "*"}
     for ax, (task, title, getter) in zip(axes[0], panels):
         points: Dict[tuple, List[float]] = OrderedDict()
         for r in records:
@@ -82,20 +86,21 @@ def plot_accuracy(records: Sequence[dict], path: str) -> Optional[str]:
         for (method, entry, params, label), values in points.items():
             stat = mean_sd(values)
             mean, sd = stat["mean"], stat["sd"]
-            if method == "fft":
+            if not has_budget(method):  # full fine-tuning: one level, no budget
                 ax.axhline(mean, color="black", linestyle="--", linewidth=1,
-                           label=f"FFT ({params / 1e6:.0f}M params)" + (f", ±{sd:.1f}" if len(values) > 1 else ""))
+                           label=f"{label_of(method)} ({params / 1e6:.0f}M params)" + (f", ±{sd:.1f}" if len(values) > 1 else ""))
                 continue
-            series = METHOD_LABELS.get(method, method)
-            if method == "rosa":
+            series = label_of(method)
+            if _is(method, "mixed"):
                 rec = next(r for r in records if r["task"] == task and r["entry"] == entry)
                 mix = rosa_mix(rec, records)
-                series = f"RoSA, {mix} of the budget low-rank" if mix else label
+                series = f"{series}, {mix} of the budget low-rank" if mix else label
             lines.setdefault(series, []).append((params, mean, sd, method))
         for series, pts in lines.items():
             pts.sort()
             xs, ys, es = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
-            ax.errorbar(xs, ys, yerr=es, marker=markers.get(pts[0][3], "o"), capsize=3, label=series,
+            marker = METHODS[pts[0][3]].marker if pts[0][3] in METHODS else "o"
+            ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=series,
                         linestyle="-" if len(pts) > 1 else "none")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
@@ -120,7 +125,7 @@ def plot_losses(records: Sequence[dict], cell_dirs: Sequence[str], path: str) ->
         return None
     tasks = list(OrderedDict.fromkeys(r["task"] for r in records))
     budgets = {t: budget_groups(r["train"]["trainable_params"] for r in records
-                                if r["task"] == t and r["method"] != "fft") or [0] for t in tasks}
+                                if r["task"] == t and has_budget(r["method"])) or [0] for t in tasks}
     ncols = max(len(b) for b in budgets.values())
     fig, axes = plt.subplots(len(tasks), ncols, figsize=(5.0 * ncols, 3.8 * len(tasks)), squeeze=False)
     for row, task in enumerate(tasks):
@@ -133,7 +138,7 @@ def plot_losses(records: Sequence[dict], cell_dirs: Sequence[str], path: str) ->
             seen = set()
             for r, d in zip(records, cell_dirs):
                 params = r["train"]["trainable_params"]
-                inside = r["method"] == "fft" or in_budget(params, low)
+                inside = not has_budget(r["method"]) or in_budget(params, low)
                 if r["task"] != task or r["entry"] in seen or not inside:
                     continue
                 seen.add(r["entry"])
@@ -141,7 +146,7 @@ def plot_losses(records: Sequence[dict], cell_dirs: Sequence[str], path: str) ->
                 pts = read_losses(metrics) if os.path.isfile(metrics) else []
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], linewidth=1,
-                            linestyle="--" if r["method"] == "fft" else "-",
+                            linestyle="-" if has_budget(r["method"]) else "--",
                             label=f"{r['entry']} ({params / 1e6:.3g}M), seed {r['seed']}")
             ax.set_xlabel("optimizer step")
             ax.set_ylabel("training loss")
@@ -174,7 +179,7 @@ def plot_masks(records: Sequence[dict], cell_dirs: Sequence[str], path: str) -> 
     plt = _pyplot()
     if plt is None:
         return None
-    rosa = [(r, s) for r, s in firsts if r["method"] == "rosa"] or firsts
+    rosa = [(r, s) for r, s in firsts if _is(r["method"], "mixed")] or firsts
     shown_r, shown = max(rosa, key=lambda rs: rs[0]["train"]["density"])
     maps = shown["heatmaps"]
     ncols = max(len(maps), 1)
@@ -197,8 +202,6 @@ def plot_masks(records: Sequence[dict], cell_dirs: Sequence[str], path: str) -> 
     ax.set_title("rows / columns of the masks with no kept entry: the masks vs uniformly random masks of equal density")
     ax.legend(fontsize=7)
     ax.grid(True, axis="y", alpha=0.3)
-    import numpy as np
-
     for i, pic in enumerate(maps):
         a = fig.add_subplot(grid[1, i])
         img = np.array([[c == "1" for c in row] for row in pic["rows"]], dtype=float)

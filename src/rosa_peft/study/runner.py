@@ -16,8 +16,21 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from ..io import atomic_write_text, read_json_object
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..eval.loading import load_for_eval
+from ..eval.runner import evaluate, load_examples, write_report
+from ..masks import load_masks
+from ..train import run as train_run  # train_run.run_training, so that tests can stand in for it
+from ..train.methods import METHODS
+from ..train.trainer import MASKS_FILE
+from ..utils.io import atomic_write_text, read_json_object
+from . import figures
 from .config import Cell, StudyConfig, StudyConfigError
+from .structure import mask_structure
+from .table import render_json, render_markdown
 
 log = logging.getLogger("rosa_peft.study")
 
@@ -62,28 +75,19 @@ def _jsonable(obj):
 
 def check_inputs(study: StudyConfig) -> None:
     """Load every task's train and eval examples once, so missing data fails before any training."""
-    from ..eval.runner import load_examples
-    from ..train.run import validate
-    from .command import train_options
-
     seen = set()
     for cell in study.cells:
         if cell.task in seen:
             continue
         seen.add(cell.task)
-        validate(train_options(study, cell, "unused"))
+        train_run.validate(cell.train_options(study, "unused"))
         load_examples(cell.task, cell.eval.get("split"), cell.eval.get("limit"), study.data_dir)
 
 
 def _load_trained(study: StudyConfig, cell: Cell, directory: str):
     """(model, tokenizer, info) of the trained cell, as ``rosa eval`` would load it."""
-    from ..eval.loading import load_for_eval
-
-    if cell.method != "fft":
+    if METHODS[cell.method].wraps_adapter:
         return load_for_eval(study.model, adapter=directory, merge=False)  # as the committed cells were scored
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
@@ -94,16 +98,12 @@ def _load_trained(study: StudyConfig, cell: Cell, directory: str):
 
 def run_cell(study: StudyConfig, cell: Cell, progress: bool = False) -> dict:
     """Train and evaluate one cell into its directory; returns the ``cell.json`` record."""
-    from ..eval.runner import evaluate, write_report
-    from ..train import run as train_run
-    from .command import train_options
-
     directory = cell_dir(study, cell)
     if os.path.exists(directory):
         log.info("study: removing unfinished cell %s", directory)
         shutil.rmtree(directory)
     try:
-        summary = train_run.run_training(train_options(study, cell, directory, progress=progress))
+        summary = train_run.run_training(cell.train_options(study, directory, progress=progress))
         gc.collect()
         model, tokenizer, info = _load_trained(study, cell, directory)
         ev = cell.eval
@@ -133,9 +133,6 @@ def run_cell(study: StudyConfig, cell: Cell, progress: bool = False) -> dict:
 
 def _write_mask_structure(directory: str) -> Optional[dict]:
     """``mask_structure.json`` from the cell's ``masks.safetensors`` (rosa/spa); its summary, or None."""
-    from ..masks import load_masks
-    from ..masks_structure import mask_structure
-    from ..train.trainer import MASKS_FILE
 
     path = os.path.join(directory, MASKS_FILE)
     if not os.path.isfile(path):
@@ -162,8 +159,6 @@ def run_study(study: StudyConfig, progress: bool = True, echo=print, isolate: bo
     ``only`` (shell patterns over cell names) restricts which cells this call runs, so that disjoint parts of
     one grid can run side by side; the table is written only once every cell of the grid is finished, and
     None is returned while some are not."""
-    from tqdm.auto import tqdm
-
     status = cell_status(study)
     todo = [c for c in study.cells if status[c.name] != "done" and _selected(c.name, only)]
     if only is not None and not any(_selected(c.name, only) for c in study.cells):
@@ -194,9 +189,6 @@ def _selected(name: str, only: Optional[Sequence[str]]) -> bool:
 
 def write_results(study: StudyConfig) -> List[dict]:
     """``results.json``, ``results.md`` (and ``results.png``) from the cells' ``cell.json`` files only."""
-    from . import figures
-    from .table import render_json, render_markdown
-
     records = []
     for cell in study.cells:
         path = os.path.join(cell_dir(study, cell), CELL_FILE)

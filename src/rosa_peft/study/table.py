@@ -10,7 +10,8 @@ import math
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Sequence
 
-from ..eval.compare import METHOD_LABELS
+from ..tasks import TASKS, Task
+from ..train.methods import METHODS, label_of
 
 RESULTS_FORMAT = "rosa-study/1"
 # (column title, how to read the value from a record, format)
@@ -91,16 +92,18 @@ def _line(cells) -> str:
 
 
 # per task, the metric columns of the table: (title, aggregate key); "accuracy" is the protocol's primary metric
-TASK_COLUMNS = {
-    "viggo": (("Exact match (%)", "accuracy"), ("Slot F1 (%)", "slot_f1")),
-    # the SQL test split's gold queries are lower-cased, so exact match is compared without case
-    "sql": (("Exact match, no case (%)", "exact_nocase"), ("Execution acc. (%)", "execution")),
-}
-DEFAULT_COLUMNS = (("Accuracy (%)", "accuracy"),)
+DEFAULT_COLUMNS = Task.table_columns
+
+
+def task_columns(task: str) -> tuple:
+    """The metric columns of ``task``'s table, ``(title, aggregate key)``: what its Task class declares
+    (``table_columns``; "accuracy" is the protocol's primary metric)."""
+    cls = TASKS.get(task)
+    return cls.table_columns if cls is not None else DEFAULT_COLUMNS
+
 _FMT = {key: fmt for key, _, fmt in NUMERIC}
 
 
-_METHOD_ORDER = {"lora": 0, "rosa": 1, "spa": 2}
 BUDGET_TOLERANCE = 0.02  # trainable-parameter counts this close (relative) are one budget
 
 
@@ -118,16 +121,22 @@ def in_budget(params: int, low: int) -> bool:
     return low <= params <= low * (1 + BUDGET_TOLERANCE)
 
 
+def has_budget(method: str) -> bool:
+    """Whether a row of ``method`` belongs to a budget (FFT trains the whole model: it has none)."""
+    return method not in METHODS or METHODS[method].wraps_adapter
+
+
 def budget_order(rows: Sequence[dict]) -> List[dict]:
-    """Rows grouped by budget (:func:`budget_groups`, smallest first), inside a budget LoRA, then RoSA by
-    falling rank, then SpA; FFT last. The order of a paper-style table."""
-    groups = budget_groups(r["trainable_params"] for r in rows if r["method"] != "fft")
+    """Rows grouped by budget (:func:`budget_groups`, smallest first), inside a budget in ``table_order``
+    (LoRA, then RoSA by falling rank, then SpA); FFT last. The order of a paper-style table."""
+    groups = budget_groups(r["trainable_params"] for r in rows if has_budget(r["method"]))
 
     def key(row):
-        if row["method"] == "fft" or not groups:
+        if not has_budget(row["method"]) or not groups:
             return (len(groups), 0, 0)
         group = max(i for i, low in enumerate(groups) if row["trainable_params"] >= low)
-        return (group, _METHOD_ORDER.get(row["method"], 3), -(row["r"] or 0))
+        order = METHODS[row["method"]].table_order if row["method"] in METHODS else len(METHODS)
+        return (group, order, -(row["r"] or 0))
 
     return sorted(rows, key=key)
 
@@ -138,7 +147,7 @@ def render_markdown(records: Sequence[dict]) -> str:
            f"{len(records)} cells; mean ± sample sd over seeds. Every number comes from a `cells/*/cell.json`."]
     for task in OrderedDict.fromkeys(row["task"] for row in rows):
         task_rows = budget_order([row for row in rows if row["task"] == task])
-        columns = TASK_COLUMNS.get(task, DEFAULT_COLUMNS)
+        columns = task_columns(task)
         n = sorted({m["eval"]["summary"].get("n") for m in records if m["task"] == task}, key=str)
         titles = ["Method", "r", "d", "Trainable params", "Seeds", *[t for t, _ in columns], "Train loss",
                   "Train time (s)", "Peak RSS (MB)"]
@@ -146,7 +155,7 @@ def render_markdown(records: Sequence[dict]) -> str:
                 _line(titles), "|" + "|".join(["---"] * 5 + ["---:"] * (len(columns) + 3)) + "|"]
         for row in task_rows:
             out.append(_line([
-                f"{METHOD_LABELS.get(row['method'], row['method'])} ({row['entry']})",
+                f"{label_of(row['method'])} ({row['entry']})",
                 str(row["r"] or "-"), _density(row["density"]), f"{row['trainable_params']:,}",
                 ",".join(map(str, row["seeds"])),
                 *[_stat(row[key], _FMT[key]) for _, key in columns],

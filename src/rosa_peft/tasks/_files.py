@@ -1,14 +1,12 @@
-"""Locating data files and reading JSON Lines with precise error messages.
+"""Where a task's data comes from: the data dir, its files, checked record fields, the hub fallback.
 
-Every error names the file (and the 1-based line number where one applies), so a bad
-record in a 7,000-line file can be found at once; that includes bytes that are not UTF-8.
-With a limit, only the lines up to the last record kept are read.
+Every error names the file (and the 1-based line number where one applies), so a bad record in a
+7,000-line file can be found at once. The JSON Lines files themselves are read by
+:func:`rosa_peft.utils.io.iter_jsonl`, the package's one JSONL reader.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterator, Optional, Tuple, Union
 
@@ -41,45 +39,6 @@ def locate(data_dir: Path, subdir: str, filename: str, task: str) -> Path:
         f"task {task!r}: data file not found: {candidates[0]} "
         f"(expected {subdir}/{filename} under the data dir; {HOW_TO_FIX})"
     )
-
-
-_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8 (kept by surrogateescape)
-
-
-def read_jsonl(path: Path, limit: Optional[int] = None) -> Iterator[Tuple[int, dict]]:
-    """Yield ``(line_number, record)`` for the first ``limit`` records; blank lines are skipped.
-
-    The file must be UTF-8 (a leading BOM is allowed); a line that is not names the file, the line
-    and the column of the first bad byte. With ``limit``, reading stops right after the ``limit``-th
-    record: the lines after it are never decoded, parsed or checked, so a bad line there does not
-    abort the load.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    if limit is not None and limit <= 0:
-        return
-    count = 0
-    # surrogateescape: a bad byte must not fail a whole read-ahead chunk (with no line number, and
-    # possibly beyond the limit); it is found per line below instead.
-    with path.open("r", encoding="utf-8-sig", errors="surrogateescape") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            bad = _UNDECODABLE.search(line)
-            if bad is not None:
-                raise ValueError(f"{path}, line {lineno}: not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} "
-                                 f"at column {bad.start() + 1})")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
-            count += 1
-            yield lineno, record
-            if limit is not None and count >= limit:
-                return
 
 
 def get_field(record: dict, field: str, source: Any, lineno: int, kind: type = str) -> Any:

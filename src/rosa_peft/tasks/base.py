@@ -1,12 +1,15 @@
 """The task abstraction: an :class:`Example` is one (prompt, response, meta) triple, a
-:class:`Task` hands out the examples of a named split."""
+:class:`Task` hands out the examples of a named split and names its evaluation protocol."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
+from ..utils.checks import check_int
+from ..utils.io import iter_jsonl
 from . import _files
+from .protocol import EvalProtocol
 
 
 @dataclass
@@ -23,22 +26,28 @@ class Example:
 
 
 def check_limit(limit: Optional[int]) -> Optional[int]:
-    if limit is None:
-        return None
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
-    return limit
+    return check_int("limit", limit, 0, allow_none=True)
 
 
 class Task:
     """Base class. Subclasses set ``name``, ``splits``, ``train_split``, ``eval_split`` and
-    implement :meth:`_load` (which may stop early once ``limit`` examples are produced)."""
+    implement :meth:`_load` (which may stop early once ``limit`` examples are produced).
+
+    ``protocol`` is the :class:`~rosa_peft.tasks.protocol.EvalProtocol` subclass that evaluates the
+    task (None: the task can be trained on, not evaluated). ``needs_path`` marks a task built from a
+    file the user names (``path=``, ``eval_path=``, ``prompt_field=``, ``response_field=``: the
+    ``--data``, ``--prompt-field`` and ``--response-field`` flags), not from the data dir.
+    ``table_columns`` are the ``(column title, summary key)`` pairs a results table shows for the task.
+    """
 
     name: str = ""
     splits: Tuple[str, ...] = ()
     train_split: str = "train"
     eval_split: str = "test"
     description: str = ""
+    protocol: ClassVar[Optional[Type[EvalProtocol]]] = None
+    needs_path: ClassVar[bool] = False
+    table_columns: ClassVar[Tuple[Tuple[str, str], ...]] = (("Accuracy (%)", "accuracy"),)
 
     def load(self, split: Optional[str] = None, limit: Optional[int] = None) -> List[Example]:
         """The examples of ``split`` (default: the train split), in file order; ``limit`` keeps the first N."""
@@ -94,7 +103,7 @@ class FileTask(Task):
         """``(source, line_number, record)`` from the local file, or from the hub as a fallback."""
         if self.data_dir is not None or self.hf_id is None:
             path = self.path(split)
-            for lineno, record in _files.read_jsonl(path, limit):
+            for lineno, record in iter_jsonl(path, limit):
                 yield str(path), lineno, record
             return
         hf_split = self.hf_splits.get(split, split)

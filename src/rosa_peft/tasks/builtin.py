@@ -1,5 +1,8 @@
 """``sql-synth``: the offline default task, a seeded generator of sql-create-context-style examples.
 
+It is evaluated with the SQL task's protocol (:class:`rosa_peft.tasks.sql.SQLProtocol`): every example
+has mock tables, so the verdict is execution match.
+
 Each example has a CREATE TABLE with 2-4 columns, a short English question in a fixed phrasing,
 a gold SQL query and 3-6 seeded mock rows. Every gold query is executed in sqlite3 at generation
 time and must return a non-empty, non-NULL result. The prompt format is the SQL task's
@@ -22,9 +25,10 @@ import random
 import sqlite3
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+from ..utils.checks import check_int
 from ._synth_vocab import TABLES, TEXT_POOLS, Pool, is_numeric, sql_type, words
 from .base import Example, Task
-from .sql import sql_prompt
+from .sql import SQLProtocol, sql_prompt
 from .sqlexec import QueryRefused, execute_sql
 
 KINDS = ("select", "select_and", "select_gt", "count", "max", "min")
@@ -144,12 +148,6 @@ def generate_examples(n: int, seed: int, exclude: Optional[Iterable[str]] = None
     return out
 
 
-def _check_count(label: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"task 'sql-synth': {label} must be a non-negative integer, got {value!r}")
-    return value
-
-
 class SQLSynthTask(Task):
     """Seeded synthetic text-to-SQL; ``train`` and ``test`` never share a prompt.
 
@@ -162,13 +160,12 @@ class SQLSynthTask(Task):
     splits = ("train", "test")
     train_split = "train"
     eval_split = "test"
+    protocol = SQLProtocol
 
     def __init__(self, seed: int = 0, n_train: int = 2000, n_test: int = 200):
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"task 'sql-synth': seed must be an integer, got {seed!r}")
-        self.seed = seed
-        self.n_train = _check_count("n_train", n_train)
-        self.n_test = _check_count("n_test", n_test)
+        self.seed = check_int("task 'sql-synth': seed", seed)
+        self.n_train = check_int("task 'sql-synth': n_train", n_train, 0)
+        self.n_test = check_int("task 'sql-synth': n_test", n_test, 0)
         self._cache: Optional[Dict[str, List[Example]]] = None
 
     def _splits(self) -> Dict[str, List[Example]]:

@@ -1,14 +1,46 @@
-"""Any local JSON Lines file as a task: one object per line with a prompt and a response field.
+"""Any local JSON Lines file as a task (one object per line with a prompt and a response field),
+and its protocol: greedy generation until EOS, exact match after stripping, the mean response loss.
 
 Fields other than the prompt/response ones are kept in ``meta``.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
+from ..utils.checks import check_int
+from ..utils.io import iter_jsonl
+from ._files import PathLike, get_field, resolve_data_dir
 from .base import Example, Task
-from ._files import PathLike, get_field, read_jsonl, resolve_data_dir
+from .protocol import EvalProtocol
+
+
+class JsonlProtocol(EvalProtocol):
+    """Any prompt/response JSONL file: greedy generation (no stop string, EOS ends a row), exact match
+    after stripping whitespace, and the mean loss per response token (as training measures it)."""
+
+    JSONL_MARGIN_TOKENS = 16
+    max_new_tokens_help = f"the longest gold response + {JSONL_MARGIN_TOKENS}"
+
+    @classmethod
+    def for_task(cls, task: str, max_seq_len: int = 512, **_) -> "JsonlProtocol":
+        check_int("max_seq_len", max_seq_len, 2)
+        return cls(task, "jsonl-exact", (), None, True, {"loss": True, "loss_max_seq_len": max_seq_len})
+
+    def prepare(self, tokenizer, examples: Sequence) -> None:
+        if self.max_new_tokens is None:  # longer than the longest gold answer cannot match exactly
+            longest = max(len(tokenizer(e.response.strip(), add_special_tokens=False)["input_ids"]) for e in examples)
+            self.max_new_tokens = longest + self.JSONL_MARGIN_TOKENS
+
+    def score(self, example, generation: str) -> dict:
+        prediction, gold = generation.strip(), example.response.strip()
+        return {"prediction": prediction, "gold": gold, "correct": prediction == gold}
+
+    def summarize(self, records: Sequence[dict]) -> dict:
+        out = super().summarize(records)
+        out["exact"] = out["accuracy"]
+        out["primary_metric"] = "exact (stripped)"
+        return out
 
 
 class JsonlTask(Task):
@@ -20,6 +52,8 @@ class JsonlTask(Task):
 
     name = "jsonl"
     description = "a local .jsonl file with prompt/response fields (path=..., eval_path=...)"
+    protocol = JsonlProtocol
+    needs_path = True
 
     def __init__(self, path: Optional[PathLike] = None, eval_path: Optional[PathLike] = None,
                  prompt_field: str = "prompt", response_field: str = "response",
@@ -51,7 +85,7 @@ class JsonlTask(Task):
 
     def _load(self, split: str, limit: Optional[int]) -> Iterator[Example]:
         path = self.files[split]
-        for lineno, record in read_jsonl(path, limit):
+        for lineno, record in iter_jsonl(path, limit):
             prompt = get_field(record, self.prompt_field, path, lineno)
             response = get_field(record, self.response_field, path, lineno)
             meta = {k: v for k, v in record.items() if k not in (self.prompt_field, self.response_field)}

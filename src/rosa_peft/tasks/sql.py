@@ -1,6 +1,9 @@
-"""SQL (sql-create-context, Anyscale chat format) in the RoSA training format.
+"""SQL (sql-create-context, Anyscale chat format) in the RoSA training format, its metrics and protocol.
 
-prompt = user content + ``"\\n\\n answer: "``, response = the SQL.
+prompt = user content + ``"\\n\\n answer: "``, response = the SQL. Evaluation (also of ``sql-synth``,
+which shares the format): the training prompt (``--sql-paper-prompt``: the suffix doubled, as the
+paper's eval did), stop at a newline, at most 192 new tokens; the verdict is execution match
+(:mod:`rosa_peft.tasks.sqlexec`) when the example has mock tables, else the paper's exact match.
 
 The paper's training file is not available, so this package defines its own split (see
 docs/tasks.md):
@@ -16,10 +19,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
-from .base import Example, FileTask
 from ._files import get_field
+from .base import Example, FileTask
+from .protocol import EvalProtocol, mean
+from .sqlexec import check_timeout, sql_execution_result
 
 INSTRUCTION = "Write a SQL query to answer the question based on the table schema."
 USER_TEMPLATE = INSTRUCTION + "\n\n context: {context}\n\n question: {question}"
@@ -55,6 +60,80 @@ def parse_tables(text: str, source: str, lineno: int, field: str = "data_table")
     return tables
 
 
+_SQL_PAPER = re.compile(r"SELECT (.*)")
+_SQL_ANY = re.compile(r"\bselect\b.*", re.IGNORECASE)
+
+
+def sql_extract(text: str, paper: bool = True) -> str:
+    """The predicted query: from the first ``SELECT`` to the end of its line, stripped; ``""`` if none.
+
+    ``paper=True`` is RoSA's ``re.search('SELECT (.*)', decoded).group(0)`` (uppercase ``SELECT``
+    followed by a space); ``paper=False`` also accepts lowercase/mixed-case ``select``.
+    """
+    match = (_SQL_PAPER if paper else _SQL_ANY).search(text)
+    return match.group(0).strip() if match else ""
+
+
+def sql_exact(pred: str, gold: str) -> bool:
+    """RoSA's SQL metric: the paper-extracted query equals the stripped gold, case-sensitively."""
+    return sql_extract(pred, paper=True) == gold.strip()
+
+
+def sql_normalize(sql: str) -> str:
+    """Lowercase, single spaces, no trailing ``;`` (for the case-insensitive exact variant)."""
+    return " ".join(sql.strip().rstrip(";").split()).lower()
+
+
+def sql_exact_nocase(pred: str, gold: str) -> bool:
+    """Exact match after :func:`sql_normalize` on both sides (the mock-table gold is lowercased)."""
+    return sql_normalize(sql_extract(pred, paper=False)) == sql_normalize(gold)
+
+
+class SQLProtocol(EvalProtocol):
+    """Execution match where the example has mock tables, else exact match; also ``exact`` and
+    ``exact_nocase`` for every example."""
+
+    @classmethod
+    def for_task(cls, task: str, sql_paper_prompt: bool = False, sql_case_insensitive: bool = True,
+                 sql_timeout_s: float = 2.0, **_) -> "SQLProtocol":
+        check_timeout(sql_timeout_s)  # finite and > 0: nan / inf would switch the guard off
+        return cls(task, "sql-paper-prompt" if sql_paper_prompt else "sql", ("\n",), 192, True,
+                   {"sql_paper_prompt": bool(sql_paper_prompt), "sql_case_insensitive": bool(sql_case_insensitive),
+                    "sql_timeout_s": float(sql_timeout_s)})
+
+    def prompt(self, example) -> str:
+        return example.prompt + (ANSWER_SUFFIX if self.options["sql_paper_prompt"] else "")
+
+    def score(self, example, generation: str) -> dict:
+        gold = example.meta.get("gold_sql", example.response).strip()
+        pred = sql_extract(generation, paper=False)
+        record = {"prediction": pred, "gold": gold, "exact": sql_exact(generation, gold),
+                  "exact_nocase": sql_exact_nocase(generation, gold), "execution": None}
+        tables = example.meta.get("tables")
+        if tables:
+            result = sql_execution_result(pred, gold, tables, example.meta.get("context"),
+                                          case_insensitive=self.options["sql_case_insensitive"],
+                                          timeout_s=self.options["sql_timeout_s"])
+            record["execution"], record["exec_reason"] = result.match, result.reason
+        record["correct"] = record["execution"] if tables else record["exact"]
+        return record
+
+    def summarize(self, records: Sequence[dict]) -> dict:
+        out = super().summarize(records)
+        n = len(records)
+        executed = [r for r in records if r["execution"] is not None]
+        out["exact"] = mean(records, "exact")
+        out["exact_nocase"] = mean(records, "exact_nocase")
+        out["n_executed"] = len(executed)
+        if executed:
+            out["execution"] = mean(executed, "execution")
+            out["gold_errors"] = sum(r["exec_reason"].startswith("gold:") for r in executed)
+            out["pred_errors"] = sum(r["exec_reason"].startswith("pred:") for r in executed)
+        out["primary_metric"] = ("execution" if len(executed) == n else "exact" if not executed
+                                 else "execution where tables exist, else exact")
+        return out
+
+
 class SQLTask(FileTask):
     name = "sql"
     description = ("text-to-SQL with CREATE TABLE context (train 1,000 = RoSA valid.jsonl / "
@@ -65,6 +144,9 @@ class SQLTask(FileTask):
     subdir = "sql"
     files = {"train": "valid.jsonl", "test": "valid_including_mock_tables.jsonl", "paper": "valid.jsonl"}
     hf_id = None  # our split is defined by the local files only
+    protocol = SQLProtocol
+    # the test split's gold queries are lower-cased, so exact match is compared without case
+    table_columns = (("Exact match, no case (%)", "exact_nocase"), ("Execution acc. (%)", "execution"))
 
     def convert(self, record: dict, source: str, lineno: int, split: str) -> Example:
         if split == "test":

@@ -22,7 +22,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset
 
-from .base import Example, Task
+from ..utils.checks import check_int
+from ..utils.io import atomic_save_safetensors
+from ..utils.model_loading import cache_dir
+from .base import Example, Task, check_limit
+from .registry import get_task
 
 IGNORE_INDEX = -100
 _ENCODING_VERSION = "1"  # bump whenever _encode changes what it produces: old cache entries are then ignored
@@ -63,8 +67,7 @@ def encode_example(tokenizer, example: Union[Example, Mapping[str, Any]],
 
 def _encode(tokenizer, example, max_seq_len: int):
     """``(features or None, response_was_truncated)``."""
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    check_int("max_seq_len", max_seq_len, 2)
     prompt, response = _fields(example)
     eos = _eos_id(tokenizer)
     prompt_ids = _ids(tokenizer, prompt, add_special_tokens=True)
@@ -118,7 +121,6 @@ def build_dataset(task_or_examples: Union[Task, str, Iterable[Example]], tokeniz
     response, the tokenizer's full definition and ``max_seq_len``, so any change there encodes afresh.
     """
     if isinstance(task_or_examples, str):
-        from .registry import get_task  # noqa: PLC0415 - avoid an import cycle
         task_or_examples = get_task(task_or_examples)
     if isinstance(task_or_examples, Task):
         examples = task_or_examples.load(split=split, limit=limit)
@@ -127,9 +129,7 @@ def build_dataset(task_or_examples: Union[Task, str, Iterable[Example]], tokeniz
         if split is not None:
             raise ValueError("split= only applies when a Task (or task name) is given, not a list of examples")
         examples = list(task_or_examples)
-        if limit is not None:
-            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-                raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
+        if check_limit(limit) is not None:
             examples = examples[:limit]
         source = "examples"
     key = _cache_key(tokenizer, examples, max_seq_len) if cache else None
@@ -138,8 +138,7 @@ def build_dataset(task_or_examples: Union[Task, str, Iterable[Example]], tokeniz
         features, kept_index, n_truncated = hit
         kept = [_as_example(examples[i]) for i in kept_index]
     else:
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+        check_int("max_seq_len", max_seq_len, 2)
         features, kept, kept_index, prompt_lens = [], [], [], []
         n_truncated = 0
         for i, example in enumerate(examples):
@@ -204,7 +203,6 @@ def _cache_key(tokenizer, examples, max_seq_len) -> Optional[str]:
 
 def _cache_dir(cache) -> str:
     if cache is True:
-        from ..models import cache_dir  # noqa: PLC0415
 
         return os.path.join(str(cache_dir()), "tokenized")
     return os.fspath(cache)
@@ -252,8 +250,6 @@ def _cache_put(key, cache, features, kept_index, prompt_lens, n_truncated) -> No
     _remember(key, features, kept_index, n_truncated)
     folder = _cache_dir(cache)
     try:
-        from ..io import atomic_save_safetensors  # noqa: PLC0415
-
         os.makedirs(folder, exist_ok=True)
         flat = [t for f in features for t in f["input_ids"]]
         atomic_save_safetensors(
@@ -272,13 +268,16 @@ class Collator:
 
     ``input_ids`` are padded with the pad id (EOS when the tokenizer has no pad token),
     ``attention_mask`` with 0 and ``labels`` with -100. Works as an HF Trainer ``data_collator``.
+
+    Not ``transformers.DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=...)``:
+    it gives the same batches only while ``tokenizer.padding_side == "right"`` and the tokenizer has a
+    pad token. It pads on the tokenizer's side (left for tokenizers shipped or set with
+    ``padding_side="left"``, as generation code does), and raises without a pad token; this collator
+    always pads on the right and falls back to EOS.
     """
 
     def __init__(self, tokenizer, pad_to_multiple_of: Optional[int] = None):
-        if pad_to_multiple_of is not None and (
-                isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
-                or pad_to_multiple_of < 1):
-            raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {pad_to_multiple_of!r}")
+        check_int("pad_to_multiple_of", pad_to_multiple_of, 1, allow_none=True)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else _eos_id(tokenizer)
         self.pad_to_multiple_of = pad_to_multiple_of

@@ -4,13 +4,15 @@ As in the paper's tables, a budget is anchored on LoRA: N is rounded to the near
 (one rank costs Σ(in + out) over the target layers), and that count is what every method spends.
 LoRA takes all of it as rank, SpA all of it as density, and RoSA splits it — by default half low-rank,
 half sparse (the paper's r=16, d=0.6% cell at its 80M budget has that shape); ``rosa_lora_fraction``
-moves the split (the paper's mixes run from 1/4 to 3/4).
+moves the split (the paper's mixes run from 1/4 to 3/4). The per-method split is
+:meth:`rosa_peft.train.methods.Method.split_budget`.
 """
 from __future__ import annotations
 
 from torch import nn
 
 from ..targets import find_targets
+from .methods import METHODS, not_budgeted
 
 
 def budget_units(model: nn.Module, target_modules="all-linear", exclude_modules=None) -> tuple[int, int]:
@@ -23,28 +25,19 @@ def budget_units(model: nn.Module, target_modules="all-linear", exclude_modules=
     return per_rank, total
 
 
-def resolve_budget(method: str, budget: int, per_rank: int, total: int,
-                   rosa_lora_fraction: float = 0.5) -> tuple[int, float]:
-    """Return (r, density) for ``method`` in {"lora", "spa", "rosa"} at ``budget`` trainable parameters."""
+def check_rosa_lora_fraction(rosa_lora_fraction: float) -> None:
     if not (0.0 < rosa_lora_fraction < 1.0):
         raise ValueError(f"rosa_lora_fraction must be in (0, 1), got {rosa_lora_fraction}")
+
+
+def resolve_budget(method: str, budget: int, per_rank: int, total: int,
+                   rosa_lora_fraction: float = 0.5) -> tuple[int, float]:
+    """Return (r, density) for ``method`` (a name in METHODS with an adapter) at ``budget`` trainable parameters."""
+    check_rosa_lora_fraction(rosa_lora_fraction)
     lora_rank = round(budget / per_rank)
     if lora_rank < 1:
         raise ValueError(f"budget {budget:,} is too small: one LoRA rank over the target layers costs {per_rank:,} "
                          f"parameters, so the smallest budget is {per_rank:,}")
-    anchored = lora_rank * per_rank
-    if method == "lora":
-        return lora_rank, 0.0
-    if method == "spa":
-        d = anchored / total
-        if d >= 1.0:
-            raise ValueError(f"budget {budget:,} exceeds the {total:,} weight entries SpA can train")
-        return 0, d
-    if method == "rosa":
-        r = int(round(rosa_lora_fraction * anchored / per_rank))
-        if r < 1 or r >= lora_rank:
-            raise ValueError(f"budget {budget:,} is too small for RoSA: it needs at least 2 LoRA ranks' worth "
-                             f"({2 * per_rank:,} parameters) to hold both a low-rank and a sparse part")
-        d = (anchored - r * per_rank) / total
-        return r, d
-    raise ValueError(f"--budget applies to lora, spa and rosa, not {method!r}")
+    if method not in METHODS:
+        raise not_budgeted(method)
+    return METHODS[method].split_budget(budget, lora_rank, per_rank, total, rosa_lora_fraction)

@@ -11,6 +11,8 @@ import dataclasses
 import json
 import logging
 
+import yaml
+
 from ..options import add_dataclass_arguments, coerce_mapping, find_config, packaged_configs
 from .run import TrainOptions, is_main_process, run_training
 
@@ -24,8 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _read_config(path: str) -> dict:
-    import yaml
-
     path = find_config(path)
     try:
         with open(path, encoding="utf-8") as fh:

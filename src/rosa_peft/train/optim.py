@@ -6,25 +6,19 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..roles import LORA, OTHER, SPARSE, params_by_role
+
 
 def adapter_param_groups(model: nn.Module, lr: float, lora_lr: Optional[float] = None,
                          weight_decay: float = 0.0) -> list[dict]:
     """Trainable parameters split into ``sparse`` (values of S) and ``lora`` (A, B) groups; anything
-    else that is trainable (full fine-tuning) joins a third group at ``lr``."""
-    sparse, lora, other = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if ".rosa_spa." in name:
-            sparse.append(p)
-        elif ".lora_A." in name or ".lora_B." in name:
-            lora.append(p)
-        else:
-            other.append(p)
+    else that is trainable (full fine-tuning) joins a third group at ``lr``. Roles: :mod:`rosa_peft.roles`."""
+    by_role = params_by_role(model)
     groups = []
-    for group_name, params, group_lr in (("sparse", sparse, lr), ("lora", lora, lora_lr or lr), ("other", other, lr)):
-        if params:
-            groups.append({"params": params, "lr": group_lr, "weight_decay": weight_decay, "name": group_name})
+    for role, group_lr in ((SPARSE, lr), (LORA, lora_lr or lr), (OTHER, lr)):
+        if by_role[role]:
+            groups.append({"params": [p for _, p in by_role[role]], "lr": group_lr, "weight_decay": weight_decay,
+                           "name": role})
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return groups
@@ -32,4 +26,5 @@ def adapter_param_groups(model: nn.Module, lr: float, lora_lr: Optional[float] =
 
 def build_optimizer(model: nn.Module, lr: float, lora_lr: Optional[float] = None, weight_decay: float = 0.0,
                     betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` over :func:`adapter_param_groups` (what :class:`~rosa_peft.train.RosaTrainer` uses)."""
     return torch.optim.AdamW(adapter_param_groups(model, lr, lora_lr, weight_decay), lr=lr, betas=betas, eps=eps)

@@ -15,8 +15,8 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from ..io import read_jsonl
-from ..plots import pyplot_or_none, save_png
+from ..utils.io import read_jsonl
+from ..utils.plots import close_png, pyplot_or_none
 
 
 class MetricsWriter(TrainerCallback):
@@ -85,8 +85,4 @@ def plot_loss(metrics_path: str, png_path: str, title: Optional[str] = None) -> 
     ax.grid(alpha=0.3)
     if series:
         ax.legend()
-    fig.tight_layout()
-    try:
-        return save_png(fig, png_path)
-    finally:
-        plt.close(fig)
+    return close_png(fig, plt, png_path)

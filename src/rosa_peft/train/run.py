@@ -25,15 +25,25 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
 import torch
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
-from ..io import atomic_write_text, is_temp_name, read_json_object, remove_stale_temp_files
+from ..config import RosaConfig
+from ..masks import BUDGETS, CRITERIA, save_masks
+from ..model import RosaModel, get_rosa_model
 from ..options import DTYPES, QUANT_BACKENDS, QUANTIZE, check_optional_dependencies, coerce_fields
+from ..quant import quantize_model
+from ..tasks import Collator, build_dataset, get_task, task_names
+from ..utils import model_loading as models
+from ..utils.checks import is_int
+from ..utils.io import atomic_write_text, is_temp_name, read_json_object, remove_stale_temp_files
+from .budget import budget_units, check_rosa_lora_fraction, resolve_budget
+from .methods import METHODS
+from .outputs import MetricsWriter, plot_loss
+from .schedule import ScheduleConfig
+from .trainer import MASKS_FILE, RosaTrainer
 
 log = logging.getLogger("rosa_peft.train")
-
-METHODS = ("rosa", "lora", "spa", "fft")
-# Defaults per method when neither --r/--density nor --budget is given (the paper's 80M-budget cells).
-METHOD_DEFAULTS = {"rosa": (16, 0.006), "lora": (32, 0.0), "spa": (0, 0.012), "fft": (0, 0.0)}
 
 
 def _opt(default, help: str, **meta):
@@ -55,8 +65,8 @@ class TrainOptions:
 
     model: Optional[str] = _opt(None, "base model: HF id or local path", group=_DATA,
                                 default_text="the embedded SmolLM2-135M-Instruct")
-    task: str = _opt("sql-synth", "gsm8k | viggo | sql | sql-synth (built-in, offline) | jsonl (your own file, "
-                                  "see --data)", group=_DATA)
+    task: str = _opt("sql-synth", " | ".join(task_names()) + " (sql-synth: built-in, offline; jsonl: your own "
+                                  "file, see --data)", group=_DATA)
     data: Optional[str] = _opt(None, "jsonl task: the training .jsonl file, one JSON object per line "
                                      "(a relative path not found here is looked up under --data-dir)",
                                group=_DATA, metavar="PATH")
@@ -69,7 +79,7 @@ class TrainOptions:
     prompt_field: str = _opt("prompt", "jsonl task: the field holding the prompt", group=_DATA)
     response_field: str = _opt("response", "jsonl task: the field holding the response", group=_DATA)
     method: str = _opt("rosa", "rosa (low-rank + sparse) | lora | spa (sparse only) | fft (full fine-tuning)",
-                       group=_METHOD, choices=METHODS)
+                       group=_METHOD, choices=tuple(METHODS))
     r: Optional[int] = _opt(None, "LoRA rank; --r is the same flag (under torchrun, whose parser rejects --r "
                                   "as ambiguous, use --rank)", group=_METHOD, flags=("--rank", "--r"), metavar="R",
                             default_text="per method: rosa 16, lora 32; or from --budget")
@@ -97,9 +107,9 @@ class TrainOptions:
     max_seq_len: int = _opt(512, "tokens of prompt + response; longer prompts are dropped, longer responses cut",
                             group=_OPTIM)
     mask_criterion: str = _opt("fisher", "how the sparse mask is scored", group=_MASKS,
-                               choices=("fisher", "grad", "magnitude", "random"))
+                               choices=CRITERIA)
     mask_budget: str = _opt("per_layer", "top-k per weight matrix or over the whole model", group=_MASKS,
-                            choices=("per_layer", "global"))
+                            choices=BUDGETS)
     warmup_steps: int = _opt(64, "RoSA's LoRA-only steps before the masks are scored", group=_MASKS)
     mask_grad_steps: int = _opt(1, "micro-batches of gradients accumulated to score the masks", group=_MASKS)
     masks: Optional[str] = _opt(None, "use the masks in this .safetensors file instead of scoring gradients",
@@ -122,27 +132,48 @@ class TrainOptions:
 
     def __post_init__(self):
         coerce_fields(self)  # YAML / Python values to the declared types, before anything loads
+        self.check()
 
-    def resolved_rank_density(self, model) -> tuple[int, float]:
-        from .budget import budget_units, resolve_budget
-
-        if self.budget is not None:
+    def check(self) -> None:
+        """ValueError for a value no run could take (one line naming the option); needs no file or model."""
+        for name, choices in (("method", METHODS), ("mask_criterion", CRITERIA), ("mask_budget", BUDGETS),
+                              ("dtype", DTYPES), ("quantize", QUANTIZE), ("quant_backend", QUANT_BACKENDS)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of {', '.join(choices)}")
+        for name in ("batch_size", "grad_accum", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.dtype == "float16":
+            raise ValueError("--dtype float16 is not supported for training (fp16 weights train unstably without "
+                             "loss scaling); use --dtype bfloat16, or float32 with --bf16")
+        if self.is_jsonl and not self.data:
+            raise ValueError("--task jsonl needs --data PATH (a .jsonl file with one JSON object per line)")
+        if self.data and not self.is_jsonl:
+            raise ValueError(f"--data is for --task jsonl; task {self.task!r} reads its files from --data-dir")
+        method = METHODS[self.method]
+        if not method.wraps_adapter:
+            if self.quantize != "none":
+                raise ValueError(f"full fine-tuning ({self.method}) cannot train a quantized model")
+        elif self.budget is not None:
             if self.r is not None or self.density is not None:
                 raise ValueError("give either --budget or --r/--density, not both")
+            check_rosa_lora_fraction(self.rosa_lora_fraction)
+        else:
+            method.resolve(self.r, self.density)
+
+    @property
+    def is_jsonl(self) -> bool:
+        return str(self.task).strip().lower() == "jsonl"
+
+    def resolved_rank_density(self, model) -> tuple[int, float]:
+        """``(r, density)`` of this run: from ``--budget`` over ``model``'s target layers, else from
+        ``--r`` / ``--density`` or the method's defaults; ``(0, 0.0)`` for full fine-tuning."""
+        method = METHODS[self.method]
+        if self.budget is not None and method.wraps_adapter:
             per_rank, total = budget_units(model, self.target_modules)
             return resolve_budget(self.method, int(self.budget), per_rank, total, self.rosa_lora_fraction)
-        r0, d0 = METHOD_DEFAULTS[self.method]
-        r = self.r if self.r is not None else r0
-        d = self.density if self.density is not None else d0
-        if self.method == "lora":
-            d = 0.0
-        if self.method == "spa":
-            r = 0
-        if self.method in ("lora", "rosa") and r < 1:
-            raise ValueError(f"--method {self.method} needs --r >= 1")
-        if self.method in ("spa", "rosa") and not d > 0:
-            raise ValueError(f"--method {self.method} needs --density > 0")
-        return r, d
+        return method.resolve(self.r, self.density)
 
 
 def is_main_process() -> bool:
@@ -151,34 +182,14 @@ def is_main_process() -> bool:
 
 
 def validate(opts: TrainOptions):
-    """Check every input that can be checked without the model; returns (task, train examples)."""
-    from ..tasks import get_task
-
-    if opts.method not in METHODS:
-        raise ValueError(f"unknown method {opts.method!r}; choose one of {', '.join(METHODS)}")
-    if opts.mask_criterion not in ("fisher", "grad", "magnitude", "random"):
-        raise ValueError(f"unknown mask criterion {opts.mask_criterion!r}")
-    if opts.mask_budget not in ("per_layer", "global"):
-        raise ValueError(f"unknown mask budget {opts.mask_budget!r}; use per_layer or global")
+    """Check what needs the filesystem or the task (the values were checked when ``opts`` was built);
+    returns (task, train examples)."""
     if opts.masks and not os.path.isfile(opts.masks):
         raise FileNotFoundError(f"masks file {opts.masks!r} does not exist")
-    for name in ("batch_size", "grad_accum", "max_seq_len"):
-        if getattr(opts, name) < 1:
-            raise ValueError(f"{name} must be >= 1")
-    for name, choices in (("dtype", DTYPES), ("quantize", QUANTIZE), ("quant_backend", QUANT_BACKENDS)):
-        if getattr(opts, name) not in choices:
-            raise ValueError(f"unknown {name} {getattr(opts, name)!r}; choose one of {', '.join(choices)}")
-    if opts.dtype == "float16":
-        raise ValueError("--dtype float16 is not supported for training (fp16 weights train unstably without "
-                         "loss scaling); use --dtype bfloat16, or float32 with --bf16")
     check_optional_dependencies(opts.model, opts.quantize, opts.quant_backend)
     kwargs = {}
-    if str(opts.task).strip().lower() == "jsonl":
-        if not opts.data:
-            raise ValueError("--task jsonl needs --data PATH (a .jsonl file with one JSON object per line)")
+    if opts.is_jsonl:
         kwargs = {"path": opts.data, "prompt_field": opts.prompt_field, "response_field": opts.response_field}
-    elif opts.data:
-        raise ValueError(f"--data is for --task jsonl; task {opts.task!r} reads its files from --data-dir")
     task = get_task(opts.task, data_dir=opts.data_dir, **kwargs)
     examples = task.load(opts.train_split or task.train_split, limit=opts.limit)
     if not examples:
@@ -187,40 +198,23 @@ def validate(opts: TrainOptions):
 
 
 def _build_model(opts: TrainOptions):
-    from ..config import RosaConfig
-    from ..model import get_rosa_model
-    from ..models import load_model
-
-    model, tokenizer = load_model(opts.model, dtype=opts.dtype)
+    model, tokenizer = models.load_model(opts.model, dtype=opts.dtype)
     if opts.quantize != "none":
-        from ..quant import quantize_model
-
         model = quantize_model(model, backend=opts.quant_backend)
-    if opts.method == "fft":
-        if opts.quantize != "none":
-            raise ValueError("full fine-tuning (fft) cannot train a quantized model")
+    r, d = opts.resolved_rank_density(model)
+    if not METHODS[opts.method].wraps_adapter:  # full fine-tuning: the model itself
         for p in model.parameters():
             p.requires_grad_(True)
-        return model, tokenizer, 0, 0.0
-    r, d = opts.resolved_rank_density(model)
+        return model, tokenizer, r, d
     cfg = RosaConfig(r=r, density=d, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
                      target_modules=opts.target_modules, impl=opts.impl,
                      base_model_name_or_path=opts.model or "smollm2-135m")
     return get_rosa_model(model, cfg), tokenizer, r, d
 
 
-def _schedule(opts: TrainOptions):
-    from .schedule import ScheduleConfig
-
-    if opts.method in ("lora", "fft"):
-        mode = "lora_only"
-    elif opts.masks:
-        mode = "masks_file"
-    elif opts.method == "spa":
-        mode = "spa_only"
-    else:
-        mode = "rosa"
-    return ScheduleConfig(mode=mode, warmup_steps=opts.warmup_steps, mask_grad_steps=opts.mask_grad_steps,
+def _schedule(opts: TrainOptions) -> ScheduleConfig:
+    return ScheduleConfig(mode=METHODS[opts.method].schedule(masks_file=bool(opts.masks)),
+                          warmup_steps=opts.warmup_steps, mask_grad_steps=opts.mask_grad_steps,
                           mask_criterion=opts.mask_criterion, mask_budget=opts.mask_budget,
                           masks_path=opts.masks, seed=opts.seed)
 
@@ -233,9 +227,7 @@ _LENGTH_KEYS = ("task", "data", "data_dir", "train_split", "limit", "epochs", "m
 
 
 def _final_weights_present(out: str, method: str) -> bool:
-    names = (("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin") if method == "fft"
-             else ("adapter_model.safetensors",))
-    return any(os.path.isfile(os.path.join(out, n)) for n in names)
+    return any(os.path.isfile(os.path.join(out, n)) for n in METHODS[method].weight_files)
 
 
 def finished_run(opts: TrainOptions, out: str) -> Optional[dict]:
@@ -251,7 +243,7 @@ def finished_run(opts: TrainOptions, out: str) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     steps = done.get("global_steps")
-    if not isinstance(steps, int) or isinstance(steps, bool):
+    if not is_int(steps):
         return None
     if opts.max_steps > 0:
         return done if steps >= opts.max_steps else None
@@ -262,8 +254,6 @@ def finished_run(opts: TrainOptions, out: str) -> Optional[dict]:
 def _checkpointing_args(enabled: bool) -> dict:
     """TrainingArguments for activation checkpointing under the name this transformers takes without a
     FutureWarning (``activation_checkpointing`` from v5, ``gradient_checkpointing`` before); non-reentrant."""
-    from transformers import TrainingArguments
-
     name = ("activation_checkpointing" if "activation_checkpointing" in
             {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing")
     return {name: True, f"{name}_kwargs": {"use_reentrant": False}} if enabled else {name: False}
@@ -274,8 +264,6 @@ def _sampling_args(batch_size: int) -> dict:
     to its longest example (dynamic padding), so grouping similar lengths removes most padding. With one
     example per micro-batch there is no padding and the plain random order is kept (same data order as
     before). ``train_sampling_strategy`` from transformers v5, ``group_by_length`` before."""
-    from transformers import TrainingArguments
-
     if batch_size <= 1:
         return {}
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -286,8 +274,6 @@ def _sampling_args(batch_size: int) -> dict:
 
 def _resume_totals(checkpoints_dir: str) -> Optional[dict]:
     """The whole-run totals saved in the checkpoint a resume starts from; None if there are none."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     ckpt = get_last_checkpoint(checkpoints_dir) if os.path.isdir(checkpoints_dir) else None
     if ckpt is None or not os.path.isfile(os.path.join(ckpt, TOTALS_FILE)):
         return None
@@ -301,8 +287,6 @@ def _resume_totals(checkpoints_dir: str) -> Optional[dict]:
 
 
 def _run_totals_callback(base: Optional[dict]):
-    from transformers import TrainerCallback
-
     class RunTotals(TrainerCallback):
         """Loss sum and wall time of the whole run (every session of it), saved into each checkpoint.
 
@@ -352,14 +336,6 @@ def run_training(opts: TrainOptions) -> dict:
 
     With ``opts.resume`` on a finished run (see :func:`finished_run`) nothing is trained or written: it
     says so and returns the stored summary with ``already_complete: True`` added."""
-    from transformers import TrainingArguments
-
-    from ..masks import save_masks
-    from ..model import RosaModel
-    from ..tasks import Collator, build_dataset
-    from .outputs import MetricsWriter, plot_loss
-    from .trainer import MASKS_FILE, RosaTrainer
-
     task, examples = validate(opts)
     schedule = _schedule(opts)
     out = os.path.abspath(opts.output_dir)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..layer import RosaLayer
+from ..utils.checks import UserError, check_choice, check_int
 
 MODES = ("rosa", "lora_only", "spa_only", "masks_file")
 
@@ -31,12 +32,11 @@ class ScheduleConfig:
     seed: int = 42
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"schedule mode must be one of {MODES}, got {self.mode!r}")
-        if self.warmup_steps < 0 or self.mask_grad_steps < 1:
-            raise ValueError("warmup_steps must be >= 0 and mask_grad_steps >= 1")
+        check_choice("schedule mode", self.mode, MODES)
+        check_int("warmup_steps", self.warmup_steps, minimum=0)
+        check_int("mask_grad_steps", self.mask_grad_steps, minimum=1)
         if self.mode == "masks_file" and not self.masks_path:
-            raise ValueError("schedule mode 'masks_file' needs masks_path")
+            raise UserError("schedule mode 'masks_file' needs masks_path")
         if self.mode == "spa_only":
             self.warmup_steps = 0
 

@@ -27,9 +27,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
-from ..io import atomic_write_text
+from ..masks import compute_masks, load_masks, save_masks
 from ..model import RosaModel
-from .optim import adapter_param_groups
+from ..utils.checks import UserError
+from ..utils.io import atomic_write_text
+from .optim import build_optimizer
 from .schedule import ScheduleConfig, init_adapter_weights
 
 log = logging.getLogger("rosa_peft.train")
@@ -42,8 +44,11 @@ DEAD_LOGS = 3  # logged steps in a row at loss >= DEAD_LOSS_FRACTION·ln|V| with
 DEAD_LOSS_FRACTION = 0.98
 
 
-class NonFiniteLossError(ValueError):
-    """Training hit a NaN/inf loss or gradient norm; ``step`` is the optimizer step (1-based) it happened in."""
+class NonFiniteLossError(UserError):
+    """Training hit a NaN/inf loss or gradient norm; ``step`` is the optimizer step (1-based) it happened in.
+
+    A :class:`~rosa_peft.utils.checks.UserError` (so a ``ValueError``): the fix is the user's (a lower
+    learning rate, other data), and ``rosa train`` reports it as one line."""
 
     def __init__(self, what: str, value: float, step: int, phase: Optional[str] = None):
         self.what, self.value, self.step, self.phase = what, value, step, phase
@@ -142,7 +147,9 @@ class RosaTrainer(Trainer):
         return loss
 
     def _get_grad_norm(self, model, *args, **kwargs):
-        # transformers >= 5: the pre-clip norm of the accumulated gradients, just before the optimizer step
+        # transformers >= 5: the pre-clip norm of the accumulated gradients, just before the optimizer step.
+        # Private on purpose: no callback sees the norm before the step (on_pre_optimizer_step gets no value,
+        # on_log comes after the step), and recomputing it in a callback would cost a second pass over the grads.
         norm = super()._get_grad_norm(model, *args, **kwargs)
         self._check_finite("gradient norm", norm)
         return norm
@@ -150,11 +157,9 @@ class RosaTrainer(Trainer):
     # ---- optimizer / LR schedule ----------------------------------------------------------------
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            groups = adapter_param_groups(model or self.model, self.args.learning_rate, self.lora_lr,
-                                          self.args.weight_decay)
-            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate,
-                                               betas=(self.args.adam_beta1, self.args.adam_beta2),
-                                               eps=self.args.adam_epsilon)
+            self.optimizer = build_optimizer(model or self.model, self.args.learning_rate, self.lora_lr,
+                                             self.args.weight_decay, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                             eps=self.args.adam_epsilon)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -197,11 +202,10 @@ class RosaTrainer(Trainer):
                 if seen >= skip + take:
                     return
             if not produced:
-                raise ValueError("the training dataset is empty")
+                raise UserError("the training dataset is empty")
 
     def obtain_masks(self) -> dict:
         """Run the pre-training part of the schedule and install the masks; returns them."""
-        from ..masks import compute_masks, load_masks
 
         model: RosaModel = self.model
         sched = self.schedule
@@ -213,6 +217,8 @@ class RosaTrainer(Trainer):
             if sched.warmup_steps > 0:
                 total = self.full_run_steps()
                 self._enter_phase("warmup", steps=sched.warmup_steps, lr_schedule_steps=total)
+                # the warm-up is a Trainer.train() of its own, cut short: args.max_steps is the only public
+                # way to set its length (create_scheduler keeps the full run's LR schedule meanwhile)
                 saved_max_steps = self.args.max_steps
                 self.args.max_steps = sched.warmup_steps
                 self._scheduler_total_steps = total
@@ -246,11 +252,10 @@ class RosaTrainer(Trainer):
         if isinstance(ckpt, bool):
             ckpt = get_last_checkpoint(self.args.output_dir) if ckpt else None
             if resume_from_checkpoint and ckpt is None:
-                raise ValueError(f"no checkpoint found in {self.args.output_dir}")
+                raise UserError(f"no checkpoint found in {self.args.output_dir}")
         model = self.model
         if isinstance(model, RosaModel) and self.schedule.needs_masks and not model.get_masks():
             if ckpt and os.path.isfile(os.path.join(ckpt, MASKS_FILE)):
-                from ..masks import load_masks
 
                 self._enter_phase("masks", source=os.path.join(ckpt, MASKS_FILE))
                 model.set_masks(load_masks(os.path.join(ckpt, MASKS_FILE)))
@@ -261,11 +266,15 @@ class RosaTrainer(Trainer):
         return super().train(resume_from_checkpoint=ckpt, **kwargs)
 
     # ---- checkpoints -----------------------------------------------------------------------------
+    # Two private overrides stay: Trainer has no public hook for "how the model's files are written / read".
+    # _save is the narrow one (called by the public save_model after its backend-specific state gathering,
+    # and followed there by the optional hub push); overriding save_model instead would mean re-implementing
+    # that push. A TrainerCallback.on_save runs after the default _save has already written the full base
+    # model's state dict (RosaModel is not a PreTrainedModel), so it cannot replace it.
     def _save(self, output_dir: Optional[str] = None, state_dict=None):
         output_dir = output_dir or self.args.output_dir
         if not isinstance(self.model, RosaModel):
             return super()._save(output_dir, state_dict)
-        from ..masks import save_masks
 
         os.makedirs(output_dir, exist_ok=True)
         self.model.save_pretrained(output_dir)
@@ -278,6 +287,9 @@ class RosaTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
+        # Trainer.train calls this unconditionally when resuming; its default knows only PreTrainedModel state
+        # dicts and PeftModel adapters and raises "Can't find a valid checkpoint" for ours. Loading the adapter
+        # in train() before super().train() would not stop that call, so the override stays.
         if not isinstance(self.model, RosaModel):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.model.load_adapter_weights(resume_from_checkpoint)

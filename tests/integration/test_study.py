@@ -1,0 +1,246 @@
+"""`rosa study`: grid expansion, cells, resume (no retraining, identical table), redo of a half cell, bad configs."""
+import argparse
+import json
+import os
+import re
+
+import pytest
+import yaml
+from conftest import REPO
+
+from rosa_peft.study import command, load_config
+from rosa_peft.study.config import StudyConfigError
+
+from conftest import save_tiny_base
+
+METHODS = [{"method": "rosa", "r": 2, "density": 0.05}, {"method": "lora", "r": 2}, {"method": "fft"},
+           {"method": "rosa", "budget": 4096}]  # tiny Llama: one LoRA rank = 1,024 params -> r=2 + sparse half
+TRAIN = {"max_steps": 2, "limit": 4, "batch_size": 1, "grad_accum": 1, "max_seq_len": 128, "warmup_steps": 1,
+         "lr_warmup_steps": 1, "logging_steps": 1}
+EVAL = {"limit": 2, "max_new_tokens": 4, "batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, smol_tokenizer):
+    root = tmp_path_factory.mktemp("study_base")
+    save_tiny_base(root / "base", smol_tokenizer)
+    return root / "base"
+
+
+def write_config(path, out, model, **over):
+    cfg = {"output_dir": str(out), "model": str(model), "tasks": ["sql-synth"], "methods": METHODS,
+           "seeds": [0, 1], "train": TRAIN, "eval": EVAL, **over}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def rosa_study(*argv):
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    return command.run(parser.parse_args([str(a) for a in argv]))
+
+
+def test_cli_maps_study_to_this_module():
+    from rosa_peft.cli import SUBCOMMANDS
+
+    assert SUBCOMMANDS["study"][0] == "rosa_peft.study.command"
+
+
+def test_grid_expansion_counts_and_names(tmp_path):
+    cfg = write_config(tmp_path / "s.yaml", tmp_path / "out", "m", tasks=["sql-synth", "viggo"],
+                       methods=METHODS + [{"method": "spa", "density": 0.01}, {"method": "rosa", "budget": 1000}])
+    study = load_config(str(cfg))
+    assert len(study.cells) == 2 * 6 * 2
+    names = [c.name for c in study.cells]
+    assert names[:6] == ["sql-synth-rosa-r2-d0.05-s0", "sql-synth-rosa-r2-d0.05-s1", "sql-synth-lora-r2-s0",
+                         "sql-synth-lora-r2-s1", "sql-synth-fft-s0", "sql-synth-fft-s1"]
+    assert "viggo-spa-d0.01-s1" in names and "viggo-rosa-b1000-s0" in names
+    assert len(set(names)) == len(names)
+    assert study.output_dir == str(tmp_path / "out")
+    cell = study.cells[0]
+    assert cell.train["max_steps"] == 2 and cell.eval["limit"] == 2 and cell.seed == 0
+
+
+def test_task_overrides_and_default_r_d(tmp_path):
+    cfg = write_config(tmp_path / "s.yaml", tmp_path / "out", "m", methods=[{"method": "rosa"}, "lora"], seeds=[3],
+                       task_overrides={"sql-synth": {"train": {"max_steps": 5}, "eval": {"limit": 1}}})
+    study = load_config(str(cfg))
+    assert [c.name for c in study.cells] == ["sql-synth-rosa-r16-d0.006-s3", "sql-synth-lora-r32-s3"]
+    assert study.cells[0].train["max_steps"] == 5 and study.cells[0].eval == {**EVAL, "limit": 1}
+
+
+@pytest.mark.parametrize("over, key", [
+    ({"bogus": 1}, "bogus"),
+    ({"tasks": ["nope"]}, "tasks[0]"),
+    ({"tasks": ["jsonl"]}, "tasks[0]"),
+    ({"methods": [{"method": "qlora"}]}, "methods[0].method"),
+    ({"methods": [{"method": "rosa", "r": "eight"}]}, "methods[0].r"),
+    ({"methods": [{"method": "lora", "r": 2, "rank": 2}]}, "methods[0]: unknown key(s) rank"),
+    ({"methods": [{"method": "rosa", "r": 2, "budget": 10}]}, "methods[0]: give either budget"),
+    ({"methods": [{"method": "lora", "r": 2}, {"method": "lora", "r": 2}]}, "share a directory"),
+    ({"seeds": [0, "one"]}, "seeds"),
+    ({"train": {"max_steps": "2"}}, "train.max_steps"),
+    ({"train": {"seed": 1}}, "train: unknown key(s) seed"),
+    ({"eval": {"limit": 0}}, "eval.limit"),
+    ({"task_overrides": {"viggo": {}}}, "task_overrides: unknown key(s) viggo"),
+    ({"task_overrides": {"sql-synth": {"train": {"lr": "fast"}}}}, "task_overrides.sql-synth.train.lr"),
+])
+def test_bad_config_names_the_key_and_writes_nothing(tmp_path, over, key):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "s.yaml", out, tmp_path / "no-model", **over)
+    with pytest.raises(StudyConfigError) as err:
+        rosa_study(cfg, "--no-progress")
+    assert key in str(err.value) and str(cfg) in str(err.value)
+    assert not out.exists()
+
+
+def test_bad_data_dir_fails_before_training(tmp_path, monkeypatch):
+    from rosa_peft.train import run as train_run
+
+    monkeypatch.setattr(train_run, "run_training", lambda opts: pytest.fail("trained"))
+    cfg = write_config(tmp_path / "s.yaml", tmp_path / "out", tmp_path / "m", tasks=["viggo"],
+                       data_dir=str(tmp_path / "missing"))
+    with pytest.raises((ValueError, FileNotFoundError), match="missing"):
+        rosa_study(cfg, "--no-progress")
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def _table_numbers(md):
+    return re.findall(r"\| (sql-synth-\S+) \| (\d+) \| ([\d.]+) \| (\d+) \| ([\d.]+) \| (\d+) \| ([\d.]+) \|", md)
+
+
+def test_study_runs_resumes_and_redoes_half_cells(tmp_path, tiny_base, monkeypatch, capsys):
+    out = tmp_path / "results"
+    cfg = write_config(tmp_path / "s.yaml", out, tiny_base)
+    assert rosa_study(cfg, "--dry-run") == 0
+    listing = capsys.readouterr().out
+    assert listing.count(" todo") == 8 and "0 finished, 8 to run" in listing
+    assert not out.exists()
+
+    assert rosa_study(cfg, "--no-progress", "--in-process") == 0
+    cells = sorted(os.listdir(out / "cells"))
+    assert len(cells) == 8
+    records = {}
+    for name in cells:
+        d = out / "cells" / name
+        rec = json.loads((d / "cell.json").read_text())
+        assert rec["format"] == "rosa-study-cell/1" and rec["cell"] == name
+        assert rec["train"]["global_steps"] == 2 and rec["train"]["trainable_params"] > 0
+        assert rec["eval"]["summary"]["n"] == 2
+        assert (d / rec["eval"]["report"]).is_file() and (d / "run_config.json").is_file()
+        records[name] = rec
+    assert records["sql-synth-rosa-r2-d0.05-s0"]["train"]["r"] == 2
+    assert records["sql-synth-lora-r2-s1"]["train"]["density"] == 0.0
+
+    # every number of the per-cell table and results.json traces to a cell.json
+    md = (out / "results.md").read_text()
+    rows = _table_numbers(md)
+    assert len(rows) == 8
+    for name, seed, acc, n, loss, steps, ttime in rows:
+        rec = records[name]
+        assert int(seed) == rec["seed"] and int(n) == rec["eval"]["summary"]["n"]
+        assert acc == f"{100 * rec['eval']['summary']['accuracy']:.1f}"
+        assert loss == f"{rec['train']['train_loss']:.4f}" and int(steps) == rec["train"]["global_steps"]
+        assert ttime == f"{rec['train']['train_time_s']:.1f}"
+    results = json.loads((out / "results.json").read_text())
+    for c in results["cells"]:
+        rec = json.loads((out / c["cell_json"]).read_text())
+        assert c["train_loss"] == rec["train"]["train_loss"] and c["eval"] == rec["eval"]["summary"]
+    agg = {(a["entry"]): a for a in results["aggregate"]}
+    assert set(agg) == {"rosa-r2-d0.05", "lora-r2", "fft", "rosa-b4096"}
+    assert agg["rosa-b4096"]["r"] == 2 and 0 < agg["rosa-b4096"]["density"] < 1
+    losses = [records[f"sql-synth-lora-r2-s{s}"]["train"]["train_loss"] for s in (0, 1)]
+    assert agg["lora-r2"]["train_loss"]["mean"] == pytest.approx(sum(losses) / 2)
+    assert agg["lora-r2"]["seeds"] == [0, 1] and agg["fft"]["trainable_params"] > agg["lora-r2"]["trainable_params"]
+    assert "LoRA (lora-r2)" in md and " ± " in md
+
+    # rosa cells record their mask structure; the figures are drawn from the cell files
+    rosa_rec = records["sql-synth-rosa-r2-d0.05-s0"]
+    structure = json.loads((out / "cells" / "sql-synth-rosa-r2-d0.05-s0" / "mask_structure.json").read_text())
+    assert rosa_rec["masks"]["overall"] == structure["overall"] and structure["heatmaps"]
+    assert rosa_rec["masks"]["overall"]["density"] == pytest.approx(0.05, rel=0.05)
+    assert "masks" not in records["sql-synth-lora-r2-s0"]
+    assert "## Mask structure" in md and f"| sql-synth-rosa-r2-d0.05-s0 | {100 * structure['overall']['density']:.2f} |" in md
+    for png in ("results.png", "loss.png", "masks.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+    # a second run trains nothing and regenerates the same table
+    from rosa_peft.train import run as train_run
+
+    def no_training(opts):
+        raise AssertionError(f"trained {opts.output_dir}")
+
+    monkeypatch.setattr(train_run, "run_training", no_training)
+    before = {p: (out / p).read_bytes() for p in ("results.md", "results.json")}
+    (out / "results.md").unlink()
+    assert rosa_study(cfg, "--no-progress") == 0
+    assert {p: (out / p).read_bytes() for p in before} == before
+    monkeypatch.undo()
+
+    # a half-finished cell (no cell.json) is removed and redone; the others are skipped
+    half = out / "cells" / "sql-synth-lora-r2-s1"
+    (half / "cell.json").unlink()
+    (half / "junk.txt").write_text("left over")
+    capsys.readouterr()
+    assert rosa_study(cfg, "--dry-run") == 0
+    assert re.search(r"sql-synth-lora-r2-s1\s+partial", capsys.readouterr().out)
+    trained = []
+    real = train_run.run_training
+    monkeypatch.setattr(train_run, "run_training", lambda opts: trained.append(opts.output_dir) or real(opts))
+    assert rosa_study(cfg, "--no-progress", "--in-process") == 0
+    assert trained == [str(half)]
+    assert (half / "cell.json").is_file() and not (half / "junk.txt").exists()
+
+    # a finished cell whose settings changed is an error, not silently reused
+    changed = write_config(tmp_path / "s2.yaml", out, tiny_base, train={**TRAIN, "max_steps": 3})
+    with pytest.raises(StudyConfigError, match="other settings"):
+        rosa_study(changed, "--no-progress")
+
+
+def test_entry_seeds_and_train_overrides(tmp_path):
+    methods = [{"method": "lora", "r": 2, "seeds": [0, 1, 2]}, {"method": "fft", "train": {"lr": 1e-5}}]
+    study = load_config(str(write_config(tmp_path / "s.yaml", tmp_path / "out", "m", methods=methods, seeds=[5])))
+    assert [c.name for c in study.cells] == ["sql-synth-lora-r2-s0", "sql-synth-lora-r2-s1", "sql-synth-lora-r2-s2",
+                                             "sql-synth-fft-s5"]
+    assert study.cells[-1].train == {**TRAIN, "lr": 1e-5} and study.cells[0].train == TRAIN
+    for bad, key in (({"method": "lora", "seeds": [1, 1]}, "methods[0].seeds"),
+                     ({"method": "fft", "train": {"seed": 3}}, "methods[0].train: unknown key(s) seed"),
+                     ({"method": "fft", "train": {"lr": "x"}}, "methods[0].train.lr")):
+        with pytest.raises(StudyConfigError, match=re.escape(key)):
+            load_config(str(write_config(tmp_path / "b.yaml", tmp_path / "out", "m", methods=[bad])))
+
+
+def test_cells_run_in_their_own_process_and_in_parts(tmp_path, tiny_base):
+    out = tmp_path / "results"
+    cfg = write_config(tmp_path / "s.yaml", out, tiny_base, methods=[{"method": "rosa", "r": 2, "density": 0.05}])
+    assert rosa_study(cfg, "--no-progress", "--cells", "*-s1") == 0  # a fresh process per cell (the default)
+    assert sorted(os.listdir(out / "cells")) == ["sql-synth-rosa-r2-d0.05-s1"]
+    assert not (out / "results.md").exists()  # the grid is not finished: no table yet
+    rec = json.loads((out / "cells" / "sql-synth-rosa-r2-d0.05-s1" / "cell.json").read_text())
+    assert rec["train"]["peak_rss_mb"] > 0 and rec["masks"]["file"] == "mask_structure.json"
+    with pytest.raises(StudyConfigError, match="no cell matches"):
+        rosa_study(cfg, "--cells", "viggo-*")
+    assert rosa_study(cfg, "--no-progress", "--in-process", "--cells", "*-s0") == 0
+    assert "sql-synth-rosa-r2-d0.05-s1" in (out / "results.md").read_text()
+
+
+# SmolLM2-135M: one LoRA rank over all linear weights = 305,280 parameters; the linear weights hold 106,168,320
+SMOL_RANK_UNIT, SMOL_LINEAR = 305_280, 106_168_320
+
+
+@pytest.mark.parametrize("name, task", [("study-viggo.yaml", "viggo"), ("study-sql.yaml", "sql")])
+def test_shipped_study_configs(name, task):
+    """The configs behind docs/results.md: 3 budgets x (LoRA, SpA, two RoSA mixes) + FFT, equal budgets."""
+    root = str(REPO)
+    study = load_config(os.path.join(root, "configs", name))
+    assert study.tasks == [task] and len(study.cells) == 17
+    budgets = {}
+    for e in study.entries:
+        if e["method"] == "fft":
+            continue
+        units = (e.get("r") or 0) + (e.get("density") or 0) * SMOL_LINEAR / SMOL_RANK_UNIT
+        budgets.setdefault(round(units), []).append(e["method"])
+        assert units == pytest.approx(round(units), rel=0.01), e["name"]
+    assert {b: sorted(m) for b, m in budgets.items()} == {b: ["lora", "rosa", "rosa", "spa"] for b in (4, 8, 16)}
+    two_seeds = {c.entry for c in study.cells if c.seed == 1}
+    assert two_seeds == {"lora-r8", "rosa-r6-d0.0058", "spa-d0.023", "fft"}

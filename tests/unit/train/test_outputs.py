@@ -1,0 +1,39 @@
+"""rosa train's outputs: the loss plot is skipped with one line on stderr when matplotlib is missing."""
+import json
+import os
+
+import pytest
+
+from rosa_peft.train import outputs
+from rosa_peft.utils import plots
+
+
+def test_loss_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"event": "log", "step": 1, "loss": 1.0}) + "\n")
+    monkeypatch.setattr(plots, "import_pyplot", lambda: None)
+    assert outputs.plot_loss(str(metrics), str(tmp_path / "loss.png")) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "matplotlib is not installed" in err[0] and "rosa-peft[plot]" in err[0]
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_loss_plot_and_bench_plot_go_through_the_one_png_writer(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from rosa_peft.bench import report
+
+    written = []
+    real = plots.save_png
+    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi=110: written.append(path) or real(fig, path, dpi))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"event": "log", "step": s, "loss": 2.0 / s, "phase": "train"}) + "\n"
+                               for s in (1, 2, 3)))
+    loss_png = str(tmp_path / "loss.png")
+    assert outputs.plot_loss(str(metrics), loss_png) == loss_png
+    block = {"preset": {"name": "tiny"}, "results": [{"method": "rosa", "ratio_to_lora": 1.2, "mem_ratio_to_lora": 0.9}]}
+    assert report.plot({"step": [block]}, tmp_path / "bench.png") is None
+    assert written == [loss_png, str(tmp_path / "bench.png")]
+    for name in ("loss.png", "bench.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"Software" not in data  # byte-stable: no version stamp
+    assert sorted(os.listdir(tmp_path)) == ["bench.png", "loss.png", "metrics.jsonl"]  # no temporary file left
