@@ -19,7 +19,7 @@ PACKAGE = "rosa_peft"
 
 # The applications: commands, harnesses and their support. Everything else is the library (what
 # ``import rosa_peft`` and its public names need).
-APPLICATIONS = ("train", "tasks", "eval", "bench", "study", "demo", "cli", "options", "configs")
+APPLICATIONS = ("train", "tasks", "eval", "bench", "study", "demo", "cli", "options", "configs", "convert_reference")
 
 # Optional dependency -> the only modules allowed to import it (its backend module).
 OPTIONAL = {

@@ -15,6 +15,7 @@ _LAZY = {
     "AutoRosaModel": "auto", "AutoRosaModelForCausalLM": "auto", "AutoRosaModelForSequenceClassification": "auto",
     "RosaConfig": "config",
     "RosaEmbedding": "embedding",
+    "MergeCheckError": "export", "export_merged": "export",
     "RosaLayer": "layer", "RosaLinear": "layer",
     "compute_masks": "masks", "load_masks": "masks", "save_masks": "masks",
     "RosaModel": "model", "TunerLayerStatus": "model", "TunerModelStatus": "model", "get_rosa_model": "model",
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these resolve throu
     from .auto import AutoRosaModel, AutoRosaModelForCausalLM, AutoRosaModelForSequenceClassification
     from .config import RosaConfig
     from .embedding import RosaEmbedding
+    from .export import MergeCheckError, export_merged
     from .layer import RosaLayer, RosaLinear
     from .masks import compute_masks, load_masks, save_masks
     from .model import (
@@ -74,6 +76,6 @@ def get_model_status(model):
 __all__ = [
     "AutoRosaModel", "AutoRosaModelForCausalLM", "AutoRosaModelForSequenceClassification", "ModulesToSaveWrapper",
     "RosaConfig", "RosaEmbedding", "RosaLayer", "RosaLinear", "RosaModel", "TunerLayerStatus", "TunerModelStatus",
-    "compute_masks", "get_layer_status", "get_model_status", "get_rosa_model", "get_rosa_model_state_dict",
+    "compute_masks", "export_merged", "MergeCheckError", "get_layer_status", "get_model_status", "get_rosa_model", "get_rosa_model_state_dict",
     "load_masks", "load_model", "quantize_model", "save_masks", "set_rosa_model_state_dict", "__version__",
 ]

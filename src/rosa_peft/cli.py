@@ -23,7 +23,9 @@ SUBCOMMANDS = {
                                        "compare runs"),
     "bench": ("rosa_peft.bench.command", "speed and memory benchmarks against PEFT LoRA"),
     "study": ("rosa_peft.study.command", "train and evaluate a grid of tasks x methods x budgets x seeds"),
+    "export": ("rosa_peft.eval.export_command", "merge an adapter into its base model: a plain model for serving"),
     "demo": ("rosa_peft.demo", "fine-tune the embedded SmolLM2 with RoSA on the built-in task"),
+    "convert-reference": ("rosa_peft.convert_reference", "convert a peft-rosa adapter to ours, or ours back to it"),
 }
 
 

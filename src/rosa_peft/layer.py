@@ -40,6 +40,11 @@ from .sparse import SparseAdapter
 from .weight_source import MergedSource, QuantSpmmSource, SpAddSource, SparseOnlySource
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+try:  # torch builds without distributed support have no DTensor
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
+
 BASE_ONLY = "__base__"  # the name that selects no adapter in a mixed batch (PEFT's convention)
 
 
@@ -75,6 +80,11 @@ def _after_load(layer: "RosaLayer", incompatible_keys):
 
 
 # ---- the shared layer ------------------------------------------------------------------------------
+def _is_sharded(weight) -> bool:
+    """A DTensor (FSDP2 / tensor-parallel shard) rather than a plain tensor."""
+    return _DTensor is not None and isinstance(weight, _DTensor)
+
+
 class RosaLayer(nn.Module):
     """What every RoSA layer shares (PEFT's ``BaseTunerLayer`` contract); subclasses provide the math."""
 
@@ -250,6 +260,25 @@ class RosaLayer(nn.Module):
             elif name in self.rosa_w0:
                 del self.rosa_w0[name]
 
+    def set_impl(self, adapter_name: str, impl: str) -> None:
+        """Switch how ``W + S`` of one adapter reaches the GEMMs (``merged`` / ``sp_add`` / ``spmm``, as
+        ``RosaConfig.impl``); same outputs, the base weight holds plain W0 afterwards until the next forward.
+        Before sharding a model with FSDP2, switch to ``sp_add`` (``RosaModel.set_impl``)."""
+        if adapter_name not in self.rosa_spa:
+            raise ValueError(f"{self.module_name}: no adapter named {adapter_name!r}")
+        self._check_not_merged(adapter_name, "change the implementation of")
+        if impl == "auto":
+            impl = "merged" if self.kind.supports_merged and not self.tied else "sp_add"
+        if impl not in ("merged", "sp_add", "spmm"):
+            raise ValueError(f"impl must be 'auto', 'merged', 'sp_add' or 'spmm', got {impl!r}")
+        if impl == "spmm" and self.kind.matmul is None:
+            raise ValueError(f"{self.module_name}: impl='spmm' needs a 4-bit base with its own matmul")
+        if impl == "merged" and (not self.kind.supports_merged or self.tied):
+            raise ValueError(f"{self.module_name}: impl='merged' cannot edit this base weight in place; use 'sp_add'")
+        self._restore_base()
+        self.impl[adapter_name] = impl
+        self._refresh_w0()
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; a merged one is unmerged first (the others merged stay merged)."""
         if adapter_name not in self.rosa_spa:
@@ -329,6 +358,11 @@ class RosaLayer(nn.Module):
             self._restore_base()
         if wanted is None:
             return
+        if _is_sharded(self.kind.weight(self.base_layer)):
+            raise RuntimeError(
+                f"{self.module_name}: the base weight is sharded (FSDP2 DTensor), and impl='merged' writes W0 + S "
+                "into it, which FSDP re-gathers without it for backward; call model.set_impl('sp_add') before "
+                "fully_shard (or use RosaConfig(impl='sp_add'))")
         sp = self.rosa_spa[wanted]
         w0 = self.rosa_w0[wanted].values
         if w0.device != sp.values.device or w0.numel() != sp.nnz:  # moved or re-masked outside our verbs

@@ -112,6 +112,17 @@ class TunerModelStatus:
     devices: dict
 
 
+try:  # torch builds without distributed support have no FSDP2
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:  # pragma: no cover
+    _FSDPModule = None
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded parameter (FSDP2 DTensor: a collective every process must join)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class RosaModel(nn.Module):
     """A transformers (or any torch) model with RoSA adapters injected in place."""
 
@@ -205,10 +216,12 @@ class RosaModel(nn.Module):
                 layer._sync_base()
 
     def forward(self, *args, adapter_names: Optional[list] = None, **kwargs):
+        self._refuse_merged_under_fsdp()
         with self._mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Optional[list] = None, **kwargs):
+        self._refuse_merged_under_fsdp()
         with self._mixed_batch(adapter_names):
             return self.model.generate(*args, **kwargs)
 
@@ -263,6 +276,33 @@ class RosaModel(nn.Module):
             layer.set_adapter([n for n in names if n in layer.rosa_spa] or names, trainable=trainable)
         for wrapper in modules_to_save_wrappers(self.model).values():
             wrapper.set_adapter(names, trainable=trainable)
+
+    def _refuse_merged_under_fsdp(self) -> None:
+        """FSDP2 shards the base weights and gathers them again for backward, without the W0 + S that the
+        ``merged`` implementation writes in forward: gradients would be silently wrong, so refuse."""
+        if _FSDPModule is None or not any(isinstance(m, _FSDPModule) for m in self.model.modules()):
+            return
+        for key, layer in self.rosa_layers():
+            if any(layer.impl.get(n) == "merged" and sp.has_mask for n, sp in layer.rosa_spa.items()):
+                raise RuntimeError(
+                    f"{key}: the model is sharded with FSDP2, and impl='merged' writes W0 + S into the base weight, "
+                    "which FSDP re-gathers without it for backward; call model.set_impl('sp_add') before "
+                    "fully_shard (or use RosaConfig(impl='sp_add'))")
+
+    def set_impl(self, impl: str, adapter_name: Optional[str] = None) -> None:
+        """Switch every layer of an adapter (default: the active ones) to ``impl`` (``RosaConfig.impl``:
+        ``auto`` / ``merged`` / ``sp_add`` / ``spmm``); outputs are unchanged. Call ``set_impl("sp_add")``
+        before sharding with FSDP2 (``fully_shard``): ``merged`` edits the base weight, which FSDP shards."""
+        names = list(self._active) if adapter_name is None else [adapter_name]
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"unknown adapter {name!r}; have {sorted(self.peft_config)}")
+        for _, layer in self.rosa_layers():
+            for name in names:
+                if name in layer.rosa_spa:
+                    layer.set_impl(name, impl)
+        for name in names:
+            self.peft_config[name].impl = impl
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter; a merged one is unmerged first, so nothing of it stays in the base."""
@@ -436,11 +476,11 @@ class RosaModel(nn.Module):
             if name not in layer.rosa_spa:
                 continue
             if name in layer.lora_A:
-                out[f"{key}.lora_A.weight"] = layer.lora_A[name].weight.detach()
-                out[f"{key}.lora_B.weight"] = layer.lora_B[name].weight.detach()
+                out[f"{key}.lora_A.weight"] = _full(layer.lora_A[name].weight.detach())
+                out[f"{key}.lora_B.weight"] = _full(layer.lora_B[name].weight.detach())
             sp = layer.rosa_spa[name]
             if sp.has_mask:
-                out[f"{key}.rosa_spa.values"] = sp.values.detach()
+                out[f"{key}.rosa_spa.values"] = _full(sp.values.detach())
                 out[f"{key}.rosa_spa.row_offsets"] = sp.row_offsets
                 out[f"{key}.rosa_spa.col_indices"] = sp.col_indices
         out.update(modules_to_save_state_dict(self.model, name))
@@ -463,13 +503,15 @@ class RosaModel(nn.Module):
         if unknown:
             raise ValueError(f"save_pretrained: selected_adapters names unknown adapter(s) {unknown}; "
                              f"have {sorted(self.peft_config)}")
+        # every process gathers (sharded FSDP2 parameters are collected with a collective), one writes
+        states = {name: self.adapter_state_dict(name) for name in names}
         if not is_main_process:
             return
         for name in names:
             target = save_directory if name == "default" or (len(names) == 1 and selected_adapters is None) \
                 else os.path.join(save_directory, name)
             os.makedirs(target, exist_ok=True)
-            atomic_save_safetensors(self.adapter_state_dict(name), os.path.join(target, WEIGHTS_NAME),
+            atomic_save_safetensors(states[name], os.path.join(target, WEIGHTS_NAME),
                                     metadata={"format": "pt", "rosa_peft": "1"})
             config = self._config_as_saved(name)
             config.save_pretrained(target)

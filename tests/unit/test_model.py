@@ -217,3 +217,25 @@ def test_all_linear_skips_lm_head_and_patterns_apply():
     assert "lm_head" not in names and len(names) == 2 * 7 - 1
     assert {n.split(".")[-1] for n in names} == set(PROJ)
     assert model.model.model.layers[0].mlp.down_proj.r["default"] == 5
+
+
+def test_set_impl_switches_without_changing_outputs():
+    torch.manual_seed(0)
+    base = make_tiny_llama()
+    w0 = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    model = get_rosa_model(base, RosaConfig(r=2, density=0.05, init_lora_weights=False))
+    g = torch.Generator().manual_seed(1)
+    model.set_masks({n: torch.rand(l.out_features, l.in_features, generator=g) < 0.05 for n, l in model.rosa_layers()})
+    ids = torch.randint(0, 128, (2, 8), generator=g)
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+        model.set_impl("sp_add")
+        assert {layer.impl["default"] for _, layer in model.rosa_layers()} == {"sp_add"}
+        assert model.peft_config["default"].impl == "sp_add"
+        for name, layer in model.rosa_layers():  # the base weight holds plain W0 again
+            assert torch.equal(layer.base_layer.weight, w0[name])
+        assert torch.allclose(model(input_ids=ids).logits, merged, atol=1e-6)
+        model.set_impl("merged")
+        assert torch.allclose(model(input_ids=ids).logits, merged, atol=1e-6)
+    with pytest.raises(ValueError, match="impl must be"):
+        model.set_impl("dense")

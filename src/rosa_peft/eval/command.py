@@ -3,18 +3,21 @@
     rosa eval --task viggo --data-dir data --limit 50 [--adapter RUN_DIR] [--output FILE.json]
     rosa eval --task jsonl --data test.jsonl [--prompt-field F --response-field F] --adapter RUN_DIR
     rosa eval --compare RUN_DIR... [--output TABLE.md] [--plot FIG.png]
+    rosa eval --harness TASK[,TASK] [--harness-include DIR] [--num-fewshot N] --adapter RUN_DIR  (lm-eval)
 """
 from __future__ import annotations
 
 import argparse
 import codecs
 import os
+import re
 import sys
 
 from ..options import DTYPES, QUANT_BACKENDS, QUANTIZE, add_deprecated_alias, check_optional_dependencies
 from ..tasks import TASKS, task_names
 from ..tasks.gsm8k import GSM8K_PROTOCOLS
 from ..tasks.registry import task_key
+from ..utils.checks import UserError
 from ..utils.io import atomic_write_text
 from .loading import check_adapter_dir, load_for_eval
 from .protocols import get_protocol
@@ -88,6 +91,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
                    help="render these run directories into one markdown table (and --plot PNG) (default: none)")
     o.add_argument("--plot", default=None, metavar="PNG", help="with --compare: the plot (default: beside --output)")
+    h = p.add_argument_group("lm-evaluation-harness (pip install lm-eval)")
+    h.add_argument("--harness", default=None, metavar="TASK[,TASK]",
+                   help="evaluate with lm-eval on these tasks / groups instead of --task: the model and adapter load "
+                        "as for --task and go to lm-eval in memory; --limit counts per task; the report goes to "
+                        "--output, else ADAPTER/ or ./harness-TASKS.json (default: none)")
+    h.add_argument("--harness-include", default=None, metavar="DIR",
+                   help="with --harness: a folder of extra lm-eval task YAMLs, e.g. a local task (default: none)")
+    h.add_argument("--num-fewshot", type=int, default=None, metavar="N",
+                   help="with --harness: few-shot examples per prompt (default: each task's own)")
 
 
 def _positive(name: str, value) -> None:
@@ -127,7 +139,47 @@ def run_compare(args) -> int:
     return 0
 
 
+def run_harness(args) -> int:
+    """``--harness``: lm-eval tasks on the loaded model; lm-eval's results JSON written atomically."""
+    from . import lm_eval_helper as harness
+
+    if args.task or args.compare or args.data:
+        raise UserError("--harness takes lm-eval task names; it does not combine with --task / --data / --compare")
+    _positive("--eval-batch-size", args.eval_batch_size)
+    _positive("--limit", args.limit)
+    _positive("--threads", args.threads)
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be a non-negative integer, got {args.num_fewshot}")
+    if args.harness_include and not os.path.exists(args.harness_include):
+        raise FileNotFoundError(f"--harness-include {args.harness_include} does not exist")
+    if not harness.lm_eval_available():
+        raise UserError(f"--harness needs lm-evaluation-harness, which is not installed: {harness.INSTALL_HINT}")
+    if args.adapter:
+        check_adapter_dir(args.adapter)
+    names, manager = harness.resolve_tasks(args.harness.split(","), args.harness_include)
+    name = "harness-" + re.sub(r"[^\w.-]+", "_", args.harness.replace(",", "-")) + ".json"  # not eval*.json (--compare)
+    output = args.output or (os.path.join(args.adapter, name) if args.adapter else os.path.abspath(name))
+    _check_output(output)
+    quantize = None if args.quantize == "none" else args.quantize
+    check_optional_dependencies(args.model, quantize, args.quant_backend)
+    device = None if args.device == "auto" else args.device
+    model, tokenizer, info = load_for_eval(args.model, args.adapter, dtype=args.dtype, device=device,
+                                           merge=args.merge, quantize=quantize, quant_backend=args.quant_backend)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    results = harness.evaluate_harness(model, tokenizer, names, num_fewshot=args.num_fewshot, limit=args.limit,
+                                       batch_size=args.eval_batch_size, task_manager=manager)
+    harness.write_harness_results(results, output, extra={"rosa_model": info})
+    print(harness.format_harness_table(results))
+    print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.harness is not None:
+        return run_harness(args)
     if args.compare is not None:
         return run_compare(args)
     tasks = task_names(evaluable=True)
