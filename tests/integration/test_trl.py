@@ -144,12 +144,66 @@ def test_saved_adapter_reloads_with_the_same_logits(run):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-6)
 
 
-def test_chunked_nll_is_refused_with_one_clear_line(tmp_path):
+def test_sft_loss_matches_a_float64_reference_on_the_rosa_model(run):
+    """Whatever loss path this TRL version takes (newer ones patch a fused LM head onto the causal LM
+    inside), it runs through the RoSA layers and equals the mean token NLL of the model's own logits."""
+    trainer, model = run["trainer"], run["model"]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    model.train()  # lora_dropout is 0: train mode changes nothing numerically
+    loss = trainer.compute_loss(model, dict(batch))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    want = torch.nn.functional.cross_entropy(logits[:, :-1][keep].double(), labels[keep])
+    torch.testing.assert_close(loss.detach().double(), want, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if ".rosa_spa." in n and n.endswith(".values")]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    model.zero_grad(set_to_none=True)
+
+
+def test_default_loss_type_trains_a_rosa_model(tmp_path, one_thread):
+    """TRL's default ``loss_type`` (a fused or chunked LM head on recent versions) needs no extra option."""
+    from rosa_peft import RosaConfig, get_rosa_model
+    from rosa_peft.train import ScheduleConfig, rosa_trainer_class
+
+    model = get_rosa_model(make_tiny_llama(0), RosaConfig(r=2, density=DENSITY, lora_dropout=0.0))
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=5e-3,
+                         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, bf16=False,
+                         max_length=64)
+    trainer = rosa_trainer_class(trl.SFTTrainer)(
+        model=model, args=args, train_dataset=_chats(), processing_class=_char_tokenizer(),
+        schedule=ScheduleConfig(mode="rosa", warmup_steps=1, seed=7))
+    result = trainer.train()
+    assert result.global_step == 3 and math.isfinite(result.training_loss)
+    assert model.get_masks()
+
+
+def test_an_adapted_lm_head_is_refused_when_the_loss_bypasses_it(tmp_path):
     from rosa_peft import RosaConfig, get_rosa_model
     from rosa_peft.train import rosa_trainer_class
     from rosa_peft.utils.checks import UserError
 
-    model = get_rosa_model(make_tiny_llama(0), RosaConfig(r=2, density=DENSITY))
-    with pytest.raises(UserError, match="loss_type='nll'"):
-        rosa_trainer_class(trl.SFTTrainer)(model=model, args=_sft_args(tmp_path, loss_type="chunked_nll"),
-                                           train_dataset=_chats(), processing_class=_char_tokenizer())
+    model = get_rosa_model(make_tiny_llama(0), RosaConfig(r=2, density=DENSITY, target_modules=["q_proj", "lm_head"]))
+    if not _patches_the_head():
+        pytest.skip("this TRL version's default loss uses the model's own logits")
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, bf16=False)
+    with pytest.raises(UserError, match="adapter on lm_head would never be trained"):
+        rosa_trainer_class(trl.SFTTrainer)(model=model, args=args, train_dataset=_chats(),
+                                           processing_class=_char_tokenizer())
+
+
+def _patches_the_head() -> bool:
+    """Whether this TRL's default SFT loss goes through a patched LM head (TRL >= 1.16) or the logits."""
+    from packaging.version import Version
+
+    return Version(trl.__version__) >= Version("1.16.0")
+
+
+def test_is_peft_model_is_restored_after_construction(run):
+    import accelerate.utils
+    import trl.trainer.sft_trainer as sft
+
+    assert sft.is_peft_model is accelerate.utils.is_peft_model
+    assert not sft.is_peft_model(run["model"])
