@@ -1,6 +1,7 @@
 """The fused RoSA autograd Function: one op for X·(W+S)ᵀ + s·dropout(X)·Aᵀ·Bᵀ + b.
 
-Forward saves X once (plus the tiny X·Aᵀ and, with dropout, a bool keep-mask). Backward:
+Forward saves X once (plus the tiny X·Aᵀ and, with dropout, a bool keep-mask from
+:func:`dropout_keep_mask`). Backward:
     dA = s·(dO·B)ᵀ·Xd          dB = s·dOᵀ·(Xd·Aᵀ)
     dS = (dOᵀ·X) at the mask    (SDDMM; never a dense dW beyond one chunk)
     dX = dO·(W+S) + s·((dO·B)·A) ⊙ keep/(1-p)
@@ -15,10 +16,32 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import sparse
 from .weight_source import WeightSource
+
+
+# CPU dropout masks: 16 random bits per element from numpy's PCG64 (seeded from torch's generator), five
+# times faster than torch's CPU bernoulli_, which draws a double per element from one mt19937 stream. Used
+# when p on the 1/65536 grid is within this relative error of the requested p; the scale uses that p.
+_FAST_MASK_REL_ERROR = 1e-3
+_GRID = 1 << 16
+
+
+def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A bool keep-mask of ``x``'s shape (each element kept with probability 1 - p, independently) and
+    the scale 1 / P(keep) that makes the dropped-out tensor unbiased. On CUDA (and for a p far off the
+    1/65536 grid) torch's ``bernoulli_``; on CPU, 16-bit uniforms compared with p rounded to that grid."""
+    dropped = round(p * _GRID)
+    if x.device.type != "cpu" or not 0 < dropped < _GRID or abs(dropped / _GRID - p) > _FAST_MASK_REL_ERROR * p:
+        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p), 1.0 / (1.0 - p)
+    n = x.numel()
+    seed = int(torch.randint(0, 2**62, (), device="cpu"))  # torch.manual_seed / fork_rng govern the mask
+    words = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw((n + 3) // 4)
+    uniform = torch.from_numpy(words.view(np.int16)[:n]).view(x.shape)  # each in [-32768, 32767]
+    return uniform >= dropped - _GRID // 2, _GRID / (_GRID - dropped)
 
 
 def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
@@ -41,12 +64,13 @@ class RosaLinearFunction(torch.autograd.Function):
             out = out + bias.to(cdt)
         keep = None
         xa = None
+        keep_scale = 1.0
         if lora_A is not None:
             a = lora_A.to(cdt)
             b = lora_B.to(cdt)
             if dropout_p > 0.0:
-                keep = torch.empty_like(xc, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-                xl = xc.mul(keep).mul_(1.0 / (1.0 - dropout_p))  # one temporary, same rounding
+                keep, keep_scale = dropout_keep_mask(xc, dropout_p)
+                xl = torch.where(keep, xc, 0).mul_(keep_scale)  # one temporary, no bool -> float cast
             else:
                 xl = xc
             xa = xl @ a.t()
@@ -54,7 +78,7 @@ class RosaLinearFunction(torch.autograd.Function):
         ctx.source = source
         ctx.sp = sp
         ctx.scaling = scaling
-        ctx.dropout_p = dropout_p
+        ctx.keep_scale = keep_scale if keep is not None else 1.0
         ctx.cdt = cdt
         ctx.x_shape = x.shape
         ctx.x_dtype = x.dtype
@@ -78,14 +102,14 @@ class RosaLinearFunction(torch.autograd.Function):
             b = lora_B.to(cdt)
             gb = g @ b  # (T, r)
             if need_a:
-                xl = xc.mul(keep).mul_(1.0 / (1.0 - ctx.dropout_p)) if keep is not None else xc
+                xl = torch.where(keep, xc, 0).mul_(ctx.keep_scale) if keep is not None else xc
                 d_a = (gb.t() @ xl).mul_(s).to(lora_A.dtype)
             if need_b:
                 d_b = (g.t() @ xa).mul_(s).to(lora_B.dtype)
             if need_x:
                 dx_lora = (gb @ a).mul_(s)
                 if keep is not None:
-                    dx_lora = dx_lora.mul_(keep).mul_(1.0 / (1.0 - ctx.dropout_p))  # dx_lora is our own
+                    dx_lora = torch.where(keep, dx_lora, 0).mul_(ctx.keep_scale)
                 dx = dx_lora
         if need_x:
             dx = ctx.source.matmul_t(g, weight, ctx.sp, values, cdt, dx)

@@ -20,11 +20,13 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import hub, modelcard
 from .bases import base_shape, resolve_base_kind
 from .config import CONFIG_NAME, RosaConfig
 from .embedding import RosaEmbedding
+from .labelled_loss import labelled_loss
 from .layer import BASE_ONLY, RosaLayer, RosaLinear
 from .modules_to_save import (
     SEP,
@@ -215,8 +217,15 @@ class RosaModel(nn.Module):
             for layer in layers:
                 layer._sync_base()
 
-    def forward(self, *args, adapter_names: Optional[list] = None, **kwargs):
+    def forward(self, *args, adapter_names: Optional[list] = None, loss_only: bool = False, **kwargs):
+        """The wrapped model's forward. ``loss_only=True`` (with ``labels``): return only the loss, with
+        the output head run at the labelled positions alone (``labelled_loss``; ``logits`` is None), the
+        same value as the full forward's; models or inputs it is not exact for run the full forward."""
         self._refuse_merged_under_fsdp()
+        if loss_only and not args and adapter_names is None:
+            loss = labelled_loss(self.model, kwargs)
+            if loss is not None:
+                return CausalLMOutputWithPast(loss=loss)
         with self._mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
 

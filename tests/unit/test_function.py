@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rosa_peft.function import rosa_linear
+from rosa_peft.function import dropout_keep_mask, rosa_linear
 import dataclasses
 
 from rosa_peft.layer import FLOAT_LINEAR, MergedSource, QuantSpmmSource, SpAddSource
@@ -83,11 +83,12 @@ def test_gradients_match_dense_reference(r, density, bias, ndim, dropout, impl):
 
     torch.manual_seed(123)
     out = rosa_linear(x, weight, b, a, bb, vals, source, sp, scaling, dropout)
-    keep = None
+    keep, keep_p = None, dropout
     if dropout and a is not None:
         torch.manual_seed(123)
-        keep = torch.empty(x.reshape(-1, IN).shape, dtype=torch.bool).bernoulli_(1 - dropout).reshape(x.shape)
-    ref = _reference(x, w0, b, a, bb, sp, vals, scaling, keep, dropout)
+        keep, scale = dropout_keep_mask(x.detach().reshape(-1, IN), dropout)
+        keep, keep_p = keep.reshape(x.shape), 1 - 1 / scale
+    ref = _reference(x, w0, b, a, bb, sp, vals, scaling, keep, keep_p)
     assert torch.allclose(out, ref, atol=1e-12, rtol=0)
 
     gout = torch.randn_like(out)
@@ -117,3 +118,42 @@ def test_bf16_autocast_runs_in_bf16():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32 and vals.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.4, 0.9])
+def test_cpu_dropout_mask_keeps_each_element_with_probability_one_minus_p(p):
+    x = torch.empty(400, 1000)
+    torch.manual_seed(0)
+    keep, scale = dropout_keep_mask(x, p)
+    assert keep.dtype == torch.bool and keep.shape == x.shape
+    p_eff = 1 - 1 / scale
+    assert abs(p_eff - p) <= 1e-3 * p  # p on the 1/65536 grid
+    n = x.numel()
+    sd = (p_eff * (1 - p_eff) / n) ** 0.5
+    assert abs(1 - float(keep.float().mean()) - p_eff) < 5 * sd
+    assert abs(float(keep.float().mean()) * scale - 1) < 5 * sd * scale  # unbiased: E[keep * scale] = 1
+    # rows, columns and the two 16-bit halves of each random word carry no pattern
+    assert abs(float(keep[:, 0::2].float().mean() - keep[:, 1::2].float().mean())) < 10 * sd
+    assert abs(float(keep[:200].float().mean() - keep[200:].float().mean())) < 10 * sd
+
+
+def test_cpu_dropout_mask_follows_torch_seed_and_differs_between_calls():
+    x = torch.empty(64, 64)
+    torch.manual_seed(5)
+    first, second = dropout_keep_mask(x, 0.3)[0], dropout_keep_mask(x, 0.3)[0]
+    torch.manual_seed(5)
+    assert torch.equal(dropout_keep_mask(x, 0.3)[0], first)
+    assert not torch.equal(first, second)
+    with torch.random.fork_rng():
+        dropout_keep_mask(x, 0.3)
+    assert torch.equal(dropout_keep_mask(x, 0.3)[0], second)  # fork_rng left the stream where it was
+
+
+@pytest.mark.parametrize("p", [1e-6, 0.999999])
+def test_dropout_p_off_the_grid_uses_torch_bernoulli_exactly(p):
+    x = torch.empty(8, 8)
+    torch.manual_seed(1)
+    keep, scale = dropout_keep_mask(x, p)
+    torch.manual_seed(1)
+    assert torch.equal(keep, torch.empty(8, 8, dtype=torch.bool).bernoulli_(1 - p))
+    assert scale == 1 / (1 - p)

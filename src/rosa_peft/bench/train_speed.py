@@ -7,12 +7,16 @@ process and times, interleaved round by round on the same micro-batches of the t
 * ``score``: :func:`rosa_peft.masks.compute_masks` (fisher) per micro-batch, selection included;
 * ``train_step``: forward + backward of one micro-batch in the main phase (LoRA + sparse, masks set).
 
-Variants: ``before`` (float32 base, mask scoring with the parameters' gradients computed as the earlier
-implementation did), ``after`` (float32, the current scoring), ``bf16`` (``--dtype bfloat16`` base, float32
-adapters, current scoring). Timings of a shared machine are noisy: compare the ratios of one report; the
-per-variant value is the minimum (``stat="min"``, robust to other processes' bursts) or the median over
-every timed micro-batch of every round. The projection of one
-``rosa train`` run is warm-up micro-batches + scoring micro-batches + one epoch of main-phase micro-batches.
+Variants: ``before`` (float32 base, batch 1, the code as issue #14 found it, emulated in this process:
+scoring with the parameters' gradients computed, torch's ``bernoulli_`` dropout masks, the loss from the
+full-vocabulary logits), ``after`` (float32, batch 1, the current code: frozen scoring, the CPU dropout
+mask of :func:`rosa_peft.function.dropout_keep_mask`, the output head only at labelled positions, as
+``RosaTrainer`` computes it), ``bf16`` (``--dtype bfloat16`` base, float32 adapters, batch 1) and
+``bf16-b8`` (bf16, micro-batches of 8 examples of similar length with dynamic padding, as
+``rosa train --batch-size 8`` groups them). Timings of a shared machine are noisy: compare the ratios
+of one report; the per-variant value is the minimum (``stat="min"``, robust to other processes' bursts)
+or the median over every timed micro-batch of every round. The projection of one ``rosa train`` run
+is warm-up micro-batches + scoring micro-batches + one epoch of main-phase micro-batches, per example.
 The optimizer step (once per ``grad_accum`` micro-batches) and the data loader are not included.
 """
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .. import function
+from .. import model as model_module
 from ..config import RosaConfig
 from ..masks import compute as masks
 from ..masks import compute_masks
@@ -32,10 +38,33 @@ from ..tasks import Collator, build_dataset, get_task
 from ..utils.model_loading import load_model
 
 VARIANTS = {
-    "before": {"dtype": "float32", "freeze_while_scoring": False},
-    "after": {"dtype": "float32", "freeze_while_scoring": True},
-    "bf16": {"dtype": "bfloat16", "freeze_while_scoring": True},
+    "before": {"dtype": "float32", "batch_size": 1, "code": "before"},
+    "after": {"dtype": "float32", "batch_size": 1, "code": "current"},
+    "bf16": {"dtype": "bfloat16", "batch_size": 1, "code": "current"},
+    "bf16-b8": {"dtype": "bfloat16", "batch_size": 8, "code": "current"},
 }
+
+
+def _bernoulli_keep_mask(x: torch.Tensor, p: float):
+    """The dropout mask as the fused Function drew it before: torch's CPU ``bernoulli_`` per element."""
+    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p), 1.0 / (1.0 - p)
+
+
+@contextlib.contextmanager
+def _code(version: str):
+    """``before``: the dropout mask and the loss as issue #14 found them (``bernoulli_``; every position
+    projected onto the vocabulary), plus the unfrozen scoring of :func:`_scoring_like`."""
+    if version == "current":
+        yield
+        return
+    saved = function.dropout_keep_mask, model_module.labelled_loss
+    function.dropout_keep_mask = _bernoulli_keep_mask
+    model_module.labelled_loss = lambda model, inputs: None  # loss_only falls back to the full forward
+    try:
+        with _scoring_like(freeze=False):
+            yield
+    finally:
+        function.dropout_keep_mask, model_module.labelled_loss = saved
 
 
 @contextlib.contextmanager
@@ -65,7 +94,7 @@ def _scoring_like(freeze: bool):
 def _step(model, batch) -> float:
     model.train()
     t = time.perf_counter()
-    loss = model(**batch).loss
+    loss = model(**batch, loss_only=True).loss  # as RosaTrainer.compute_loss
     loss.backward()
     elapsed = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
@@ -74,7 +103,7 @@ def _step(model, batch) -> float:
 
 def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_dir: Optional[str] = None,
                     n_examples: int = 16, threads: int = 2, rounds: int = 2, max_seq_len: int = 512,
-                    variants: Sequence[str] = ("before", "after", "bf16"), r: int = 16, density: float = 0.006,
+                    variants: Sequence[str] = ("before", "after", "bf16", "bf16-b8"), r: int = 16, density: float = 0.006,
                     epoch_examples: int = 5103, warmup_steps: int = 64, grad_accum: int = 32,
                     seed: int = 0, progress: bool = False, stat: str = "min") -> Dict:
     """Seconds per training example (batch size 1, as ``rosa train``'s default) per variant, the
@@ -103,44 +132,52 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
                 models.append(get_rosa_model(base, cfg))
             ds = build_dataset(examples, tok, max_seq_len=max_seq_len)
             collate = Collator(tok)
-            batches = [collate([f]) for f in ds.features]
-            built[name] = {"warm": models[0], "train": models[1], "batches": batches,
-                           "tokens": sum(len(f["input_ids"]) for f in ds.features)}
+            size = VARIANTS[name]["batch_size"]
+            feats = sorted(ds.features, key=lambda f: len(f["input_ids"])) if size > 1 else list(ds.features)
+            batches = [collate(feats[i:i + size]) for i in range(0, len(feats), size)]
+            built[name] = {"warm": models[0], "train": models[1], "batches": batches, "examples": len(feats),
+                           "tokens": sum(len(f["input_ids"]) for f in feats),
+                           "padded_tokens": sum(int(b["input_ids"].numel()) for b in batches)}
         times: Dict[str, Dict[str, List[float]]] = {n: {"warmup_step": [], "score": [], "train_step": []}
                                                     for n in variants}
         for rnd in range(rounds):
             for name in variants:
                 b = built[name]
-                if rnd == 0:
-                    _step(b["warm"], b["batches"][0])  # first-call allocations / kernel selection
-                for batch in b["batches"]:
-                    times[name]["warmup_step"].append(_step(b["warm"], batch))
-                with _scoring_like(VARIANTS[name]["freeze_while_scoring"]):
+                with _code(VARIANTS[name]["code"]):
+                    if rnd == 0:
+                        _step(b["warm"], b["batches"][0])  # first-call allocations / kernel selection
+                    for batch in b["batches"]:
+                        times[name]["warmup_step"].append(_step(b["warm"], batch))
                     t = time.perf_counter()
                     masks = compute_masks(b["warm"], b["batches"], criterion="fisher", seed=seed,
                                           progress=progress)
                     times[name]["score"].append((time.perf_counter() - t) / len(b["batches"]))
-                if rnd == 0:
-                    b["train"].set_masks(masks)
-                    _step(b["train"], b["batches"][0])
-                for batch in b["batches"]:
-                    times[name]["train_step"].append(_step(b["train"], batch))
+                    if rnd == 0:
+                        b["train"].set_masks(masks)
+                        _step(b["train"], b["batches"][0])
+                    for batch in b["batches"]:
+                        times[name]["train_step"].append(_step(b["train"], batch))
         rows = []
         for name in variants:
             pick = min if stat == "min" else statistics.median
             med = {k: pick(v) for k, v in times[name].items()}
-            n_score = grad_accum  # mask_grad_steps=1: one optimizer step's micro-batches
-            run_s = (warmup_steps * grad_accum * med["warmup_step"] + n_score * med["score"]
-                     + epoch_examples * med["train_step"])
+            b = built[name]
+            per_batch = b["examples"] / len(b["batches"])  # examples per micro-batch
+            per_example = {k: v / per_batch for k, v in med.items()}
+            # grad_accum: examples per optimizer step (rosa train's default: batch 1 x 32 micro-batches);
+            # mask_grad_steps=1 scores one optimizer step's examples
+            run_s = (warmup_steps * grad_accum * per_example["warmup_step"] + grad_accum * per_example["score"]
+                     + epoch_examples * per_example["train_step"])
             rows.append({
                 "variant": name, **VARIANTS[name], "threads": threads, "task": task,
-                "examples": len(built[name]["batches"]), "mean_tokens": built[name]["tokens"] / len(built[name]["batches"]),
-                "s_per_example_warmup": round(med["warmup_step"], 4),
-                "s_per_example_train": round(med["train_step"], 4),
+                "examples": b["examples"], "mean_tokens": round(b["tokens"] / b["examples"], 1),
+                "padding": round(b["padded_tokens"] / b["tokens"] - 1, 3),
+                "s_per_example_warmup": round(per_example["warmup_step"], 4),
+                "s_per_example_train": round(per_example["train_step"], 4),
                 "score_s_per_microbatch": round(med["score"], 4),
                 "score_over_warmup_step": round(med["score"] / med["warmup_step"], 3),
                 "score_over_train_step": round(med["score"] / med["train_step"], 3),
-                "epoch_train_min": round(epoch_examples * med["train_step"] / 60, 1),
+                "epoch_train_min": round(epoch_examples * per_example["train_step"] / 60, 1),
                 "rosa_run_min": round(run_s / 60, 1),
             })
         base = rows[0]

@@ -38,7 +38,7 @@ def _loss_of(model, batch, loss_fn, index: int) -> torch.Tensor:
         if not isinstance(batch, Mapping):
             raise TypeError(f"micro-batch {index} is a {type(batch).__name__}: batches must be dicts of model "
                             "inputs (with labels), or pass loss_fn(model, batch)")
-        out = model(**batch)
+        out = model(**batch, loss_only=True)  # a RosaModel: logits only where labels are, the same loss
         loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
         if loss is None:
             raise ValueError(f"micro-batch {index}: the model output has no loss; the batches need 'labels' "

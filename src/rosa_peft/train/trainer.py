@@ -146,6 +146,26 @@ class RosaTrainer(Trainer):
         self._check_finite("loss", loss)  # before the Trainer's nan/inf filter can hide it
         return loss
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss, with the output head run only at labelled positions (``RosaModel(loss_only=True)``:
+        the same value, without the full-vocabulary logits). Not when the outputs are wanted, with a custom
+        loss (``compute_loss_func``, label smoothing) or under a trainer class that computes its own loss
+        (e.g. TRL's, composed through ``rosa_trainer_class``)."""
+        if (not return_outputs and self.compute_loss_func is None and self.label_smoother is None
+                and "labels" in inputs and isinstance(self.accelerator.unwrap_model(model), RosaModel)
+                and self._default_loss_after_us()):
+            inputs = {**inputs, "loss_only": True}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def _default_loss_after_us(self) -> bool:
+        """The next ``compute_loss`` in this class's MRO after RosaTrainer's is transformers.Trainer's."""
+        mro = type(self).__mro__
+        for cls in mro[mro.index(RosaTrainer) + 1:]:
+            if "compute_loss" in vars(cls):
+                return cls is Trainer
+        return False
+
     def _get_grad_norm(self, model, *args, **kwargs):
         # transformers >= 5: the pre-clip norm of the accumulated gradients, just before the optimizer step.
         # Private on purpose: no callback sees the norm before the step (on_pre_optimizer_step gets no value,

@@ -47,3 +47,29 @@ def test_run_train_speed_rejects_bad_arguments():
         run_train_speed(variants=("fastest",))
     with pytest.raises(ValueError, match=">= 1"):
         run_train_speed(n_examples=0)
+
+
+def test_before_code_emulation_is_scoped_and_restores_the_current_code():
+    """``_code("before")`` puts back the bernoulli_ dropout mask and the full-vocabulary loss for the
+    bench's "before" row, and only inside the block."""
+    from rosa_peft import function
+    from rosa_peft.bench.train_speed import _code
+
+    model = get_rosa_model(make_tiny_llama(), RosaConfig(r=2, density=0.05, lora_dropout=0.1,
+                                                         target_modules="all-linear"))
+    batch = _batches(1)[0]
+    current = function.dropout_keep_mask
+    with torch.no_grad():
+        assert model(**batch, loss_only=True).logits is None
+        with _code("before"):
+            assert function.dropout_keep_mask is not current
+            x = torch.empty(4, 4)
+            torch.manual_seed(0)
+            keep = function.dropout_keep_mask(x, 0.1)[0]
+            torch.manual_seed(0)
+            assert torch.equal(keep, torch.empty(4, 4, dtype=torch.bool).bernoulli_(0.9))
+            full = model(**batch, loss_only=True)
+            assert full.logits is not None
+        assert function.dropout_keep_mask is current
+        model.eval()
+        torch.testing.assert_close(model(**batch, loss_only=True).loss, model(**batch).loss)
