@@ -162,9 +162,19 @@ class GradientCollector:
         if x._version != version:
             raise RuntimeError(f"mask scoring: the input of {name!r} was modified in place after the forward "
                                "pass, so its weight gradient cannot be formed")
-        dt = torch.float64 if torch.float64 in (x.dtype, grad.dtype) else torch.float32  # ids (embeddings): grad's
+        # float64 if either is; bf16 x and dO (a bf16 model): one bf16 GEMM (float32 accumulation inside,
+        # each dW entry rounded to bf16, like a bf16 model's own weight gradient), folded in float32;
+        # else float32. Integer x (embedding ids) counts as neither.
+        if torch.float64 in (x.dtype, grad.dtype):
+            dt = torch.float64
+        elif x.dtype == grad.dtype == torch.bfloat16:
+            dt = torch.bfloat16
+        else:
+            dt = torch.float32
         with torch.no_grad():
             dw = self.layers[name].weight_grad(x, grad, dt)
+            if dw.dtype == torch.bfloat16:
+                dw = dw.float()
         self._received[name] = self._received.get(name, 0) + 1
         pending = self._pending.pop(name, None)
         if pending is not None:

@@ -579,3 +579,34 @@ def test_damaged_compact_files_are_errors_naming_the_file(tmp_path):
     save_file({"w": torch.zeros(1)}, str(future), metadata={"rosa_peft_masks": "9"})
     with pytest.raises(ValueError, match="future.safetensors.*version '9'"):
         load_masks(future)
+
+
+def test_bf16_model_scores_match_a_float64_reference_within_bf16_rounding():
+    """A bf16 model's dW comes from one bf16 GEMM (each entry rounded to bf16, as its own weight
+    gradient would be), squared and summed in float32: within 2^-7 of the float64 Fisher of the same
+    layer inputs and output gradients."""
+    model = get_rosa_model(make_tiny_llama(dtype=torch.bfloat16),
+                           RosaConfig(r=2, density=DENSITY, target_modules="all-linear"))
+    batches = _batches(n=2)
+    seen = {n: [] for n in _names(model)}
+    hooks = []
+    for n, layer in model.rosa_layers():
+        def keep(module, args, output, n=n):
+            output.register_hook(lambda g, x=args[0]: seen[n].append((x.detach(), g)))
+        hooks.append(layer.register_forward_hook(keep))
+    model.train()
+    with GradientCollector(model, "fisher") as col:
+        for b in batches:
+            model(**b).loss.backward()
+    for h in hooks:
+        h.remove()
+    scores = col.scores()
+    for n, pairs in seen.items():
+        assert len(pairs) == 2
+        flat = [(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])) for x, g in pairs]
+        assert all(x.dtype == g.dtype == torch.bfloat16 for x, g in flat)
+        ref = sum((g.double().t() @ x.double()) ** 2 for x, g in flat) / 2
+        rounded = sum((g.t() @ x).float() ** 2 for x, g in flat) / 2  # the bf16 GEMM, squared in float32
+        assert scores[n].dtype == torch.float32
+        torch.testing.assert_close(scores[n], rounded, rtol=1e-6, atol=0)
+        torch.testing.assert_close(scores[n].double(), ref, rtol=2 ** -7, atol=1e-12 * float(ref.max()))
