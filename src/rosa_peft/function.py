@@ -44,6 +44,11 @@ def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     return uniform >= dropped - _GRID // 2, _GRID / (_GRID - dropped)
 
 
+def _dropped(t: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t ⊙ keep · scale`` as one new tensor (``where``: no bool -> float cast of the mask)."""
+    return torch.where(keep, t, 0).mul_(scale)
+
+
 def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -70,7 +75,7 @@ class RosaLinearFunction(torch.autograd.Function):
             b = lora_B.to(cdt)
             if dropout_p > 0.0:
                 keep, keep_scale = dropout_keep_mask(xc, dropout_p)
-                xl = torch.where(keep, xc, 0).mul_(keep_scale)  # one temporary, no bool -> float cast
+                xl = _dropped(xc, keep, keep_scale)
             else:
                 xl = xc
             xa = xl @ a.t()
@@ -78,7 +83,7 @@ class RosaLinearFunction(torch.autograd.Function):
         ctx.source = source
         ctx.sp = sp
         ctx.scaling = scaling
-        ctx.keep_scale = keep_scale if keep is not None else 1.0
+        ctx.keep_scale = keep_scale
         ctx.cdt = cdt
         ctx.x_shape = x.shape
         ctx.x_dtype = x.dtype
@@ -102,14 +107,14 @@ class RosaLinearFunction(torch.autograd.Function):
             b = lora_B.to(cdt)
             gb = g @ b  # (T, r)
             if need_a:
-                xl = torch.where(keep, xc, 0).mul_(ctx.keep_scale) if keep is not None else xc
+                xl = _dropped(xc, keep, ctx.keep_scale) if keep is not None else xc
                 d_a = (gb.t() @ xl).mul_(s).to(lora_A.dtype)
             if need_b:
                 d_b = (g.t() @ xa).mul_(s).to(lora_B.dtype)
             if need_x:
                 dx_lora = (gb @ a).mul_(s)
                 if keep is not None:
-                    dx_lora = torch.where(keep, dx_lora, 0).mul_(ctx.keep_scale)
+                    dx_lora = _dropped(dx_lora, keep, ctx.keep_scale)
                 dx = dx_lora
         if need_x:
             dx = ctx.source.matmul_t(g, weight, ctx.sp, values, cdt, dx)

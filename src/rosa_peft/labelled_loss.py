@@ -9,8 +9,8 @@ the head still runs) and computes transformers' ``ForCausalLMLoss`` on them: the
 
 It is exact only for models whose logits are ``lm_head(decoder(x))`` with nothing after it, so it applies
 to the model types in :data:`PLAIN_HEAD_MODEL_TYPES` (checked against their transformers forwards: no
-logit scaling, soft-capping or auxiliary loss) and to the plain inputs below; anything else returns None
-and the caller runs the full forward.
+logit scaling, soft-capping or auxiliary loss) whose ``loss_function`` is still ``ForCausalLMLoss``, and
+to the plain inputs below; anything else returns None and the caller runs the full forward.
 """
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from .layer import _is_sharded
 
 # model_type -> its *ForCausalLM forward is ``logits = lm_head(base_model(...).last_hidden_state)``, then
 # transformers' ForCausalLMLoss; MoE models (an auxiliary loss), Gemma 2/3 (soft-capping), Cohere and
@@ -40,8 +43,9 @@ def _head_and_decoder(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]
     decoder = getattr(model, "base_model", None)
     if not isinstance(head, nn.Module) or not isinstance(decoder, nn.Module) or decoder is model:
         return None
-    weight = getattr(head, "weight", None)
-    if weight is not None and type(weight).__name__ == "DTensor":  # FSDP2: leave the gathering to the model
+    if _is_sharded(getattr(head, "weight", None)):  # FSDP2: leave the gathering to the model
+        return None
+    if getattr(model, "loss_function", ForCausalLMLoss) is not ForCausalLMLoss:  # a loss_type or a custom loss
         return None
     return head, decoder
 

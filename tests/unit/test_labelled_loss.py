@@ -110,6 +110,12 @@ def test_unsupported_inputs_and_models_fall_back_to_the_full_forward():
         assert labelled_loss(model.get_base_model(), {**batch, "shift_labels": batch["labels"]}) is None
         mixed = model(**batch, loss_only=True, adapter_names=["default"] * 3)
         assert mixed.logits is not None
+        inner = model.get_base_model()
+        inner.loss_function = lambda logits, labels, vocab_size, **kw: logits.float().mean()  # a custom loss
+        custom = model(**batch, loss_only=True)
+        assert custom.logits is not None and torch.equal(custom.loss, custom.logits.float().mean())
+        del inner._loss_function
+        assert model(**batch, loss_only=True).logits is None
         model.get_base_model().config.model_type = "granite"  # scaled logits: not a plain head
         assert model(**batch, loss_only=True).logits is not None
     assert "granite" not in PLAIN_HEAD_MODEL_TYPES and "llama" in PLAIN_HEAD_MODEL_TYPES

@@ -106,7 +106,7 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
                     variants: Sequence[str] = ("before", "after", "bf16", "bf16-b8"), r: int = 16, density: float = 0.006,
                     epoch_examples: int = 5103, warmup_steps: int = 64, grad_accum: int = 32,
                     seed: int = 0, progress: bool = False, stat: str = "min") -> Dict:
-    """Seconds per training example (batch size 1, as ``rosa train``'s default) per variant, the
+    """Seconds per training example (at each variant's micro-batch size) per variant, the
     scoring / step ratios and the projected time of one epoch; returns a JSON-ready dict with ``rows``."""
 
     if stat not in ("min", "median"):
