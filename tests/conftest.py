@@ -91,17 +91,18 @@ def smol_tokenizer():
 
 
 # ---- tiny models saved like real checkpoints (eval, CLI, study, demo tests) ----
-def peaked_tiny_llama(vocab_size, seed=0):
-    """A tiny random Llama whose logits have large margins (so argmax is numerically stable)."""
+def peaked_tiny_llama(vocab_size, seed=0, hidden=32, max_positions=512, margin=50.0):
+    """A tiny random Llama whose logits have large margins (``lm_head`` scaled by ``margin``, so argmax is
+    numerically stable); MLP width ``2 * hidden``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                       tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
-        model.lm_head.weight.mul_(50)
+        model.lm_head.weight.mul_(margin)
     return model
 
 

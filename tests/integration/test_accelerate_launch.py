@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from integration.test_ddp import CLI_ARGS, _gloo_available, _masks, _run, _same_masks
+from integration.test_ddp import _gloo_available, _masks, _run, _same_masks, cli_common_args
 
 pytest.importorskip("accelerate", reason="accelerate is not installed")
 pytestmark = [pytest.mark.slow,  # three process starts: ~1 min on 2 cores
@@ -31,25 +31,9 @@ mixed_precision: 'no'
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, data_dir):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from rosa_peft.utils.model_loading import resolve_model_path
-
     root = tmp_path_factory.mktemp("accelerate")
-    try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(None))
-    except Exception as exc:  # noqa: BLE001 - the embedded model is not installed
-        pytest.skip(f"embedded SmolLM2 tokenizer unavailable: {exc}")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    (root / "config.yaml").write_text("r: 2\n")
+    common = cli_common_args(root, data_dir)
     (root / "accelerate.yaml").write_text(ACCELERATE_CONFIG)
-    common = ["--model", str(root / "model"), "--data-dir", str(data_dir), "--config", str(root / "config.yaml"),
-              *CLI_ARGS]
     _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "accelerate.yaml"),
           "-m", "rosa_peft.cli", "train", *common, "--grad-accum", "1", "--output-dir", str(root / "acc" / "out")],
          root / "acc")

@@ -172,13 +172,13 @@ CLI_ARGS = ["--task", "viggo", "--limit", "8", "--max-seq-len", "256", "--batch-
             "--seed", "5", "--no-progress"]  # r comes from --config: torchrun's parser calls "--r" ambiguous
 
 
-@pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory, data_dir):
+def cli_common_args(root, data_dir) -> list:
+    """A tiny Llama with SmolLM2's tokenizer saved under ``root/model`` and an r=2 config file; the
+    ``rosa train`` arguments every launcher's run shares (skips when the embedded model is missing)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from rosa_peft.utils.model_loading import resolve_model_path
 
-    root = tmp_path_factory.mktemp("ddp_cli")
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model_path(None))
     except Exception as exc:  # noqa: BLE001 - the embedded model is not installed
@@ -190,8 +190,14 @@ def cli_runs(tmp_path_factory, data_dir):
     LlamaForCausalLM(cfg).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     (root / "config.yaml").write_text("r: 2\n")
-    common = ["--model", str(root / "model"), "--data-dir", str(data_dir), "--config", str(root / "config.yaml"),
-              *CLI_ARGS]
+    return ["--model", str(root / "model"), "--data-dir", str(data_dir), "--config", str(root / "config.yaml"),
+            *CLI_ARGS]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("ddp_cli")
+    common = cli_common_args(root, data_dir)
     _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "rosa_peft.cli", "train",
           *common, "--grad-accum", "1", "--output-dir", str(root / "ddp" / "out")], root / "ddp")

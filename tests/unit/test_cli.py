@@ -368,14 +368,15 @@ def test_full_disk_is_one_line_exit_2(tmp_path, capsys, monkeypatch, error):
     assert rc == 2 and ("No space left" in line or "disk full" in line), line
 
 
-def test_other_runtime_errors_keep_their_traceback(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError, ValueError])  # a ValueError outside the input checks too
+def test_library_bugs_keep_their_traceback(tmp_path, monkeypatch, error):
     import rosa_peft.train.command as train_command
 
     def bug(opts):
-        raise RuntimeError("a library bug")
+        raise error("a library bug")
 
     monkeypatch.setattr(train_command, "run_training", bug)
-    with pytest.raises(RuntimeError, match="a library bug"):
+    with pytest.raises(error, match="a library bug"):
         main(["train", "--task", "sql-synth", "--output-dir", str(tmp_path / "run")])
 
 
@@ -393,17 +394,6 @@ def test_user_error_from_anywhere_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_command, "run_training", bad_input)
     rc, _, err = _rosa(capsys, "train", "--task", "sql-synth", "--output-dir", tmp_path / "run")
     assert rc == 2 and _one_error_line(err) == "rosa train: error: --thing must be a positive integer, got 0"
-
-
-def test_value_error_outside_the_input_checks_keeps_its_traceback(tmp_path, monkeypatch):
-    import rosa_peft.train.command as train_command
-
-    def bug(opts):
-        raise ValueError("a library bug")
-
-    monkeypatch.setattr(train_command, "run_training", bug)
-    with pytest.raises(ValueError, match="a library bug"):
-        main(["train", "--task", "sql-synth", "--output-dir", str(tmp_path / "run")])
 
 
 def test_user_error_classification():

@@ -11,7 +11,7 @@ from rosa_peft import RosaConfig, RosaModel, get_rosa_model
 from rosa_peft.export import EXPORT_INFO, MergeCheckError, check_token_ids, export_merged
 from rosa_peft.utils.checks import UserError
 from rosa_peft.utils.io import default_file_mode
-from conftest import with_random_adapter
+from conftest import peaked_tiny_llama, with_random_adapter
 
 
 @pytest.fixture(autouse=True)
@@ -21,16 +21,7 @@ def _one_thread(one_thread):
 
 def tiny_llama(seed=0, hidden=32):
     """A tiny Llama with large-margin logits; ``hidden=64`` makes every Linear quantizable in NF4 blocks."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    return model
+    return peaked_tiny_llama(128, seed, hidden=hidden, max_positions=64, margin=20.0)
 
 
 def saved_tensors(directory):
