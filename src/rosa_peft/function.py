@@ -1,6 +1,6 @@
 """The fused RoSA autograd Function: one op for X·(W+S)ᵀ + s·dropout(X)·Aᵀ·Bᵀ + b.
 
-Forward saves X once (plus the tiny X·Aᵀ and, with dropout, a bool keep-mask from
+Forward saves X once (plus the tiny X·Aᵀ and, with dropout, a uint8 keep-mask from
 :func:`dropout_keep_mask`). Backward:
     dA = s·(dO·B)ᵀ·Xd          dB = s·dOᵀ·(Xd·Aᵀ)
     dS = (dOᵀ·X) at the mask    (SDDMM; never a dense dW beyond one chunk)
@@ -31,22 +31,25 @@ _GRID = 1 << 16
 
 
 def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """A bool keep-mask of ``x``'s shape (each element kept with probability 1 - p, independently) and
-    the scale 1 / P(keep) that makes the dropped-out tensor unbiased. On CUDA (and for a p far off the
-    1/65536 grid) torch's ``bernoulli_``; on CPU, 16-bit uniforms compared with p rounded to that grid."""
+    """A keep-mask of ``x``'s shape, uint8 0/1 (each element kept with probability 1 - p, independently),
+    and the scale 1 / P(keep) that makes the dropped-out tensor unbiased. On CUDA (and for a p far off the
+    1/65536 grid) torch's ``bernoulli_``; on CPU, 16-bit uniforms compared with p rounded to that grid.
+
+    uint8, not bool: torch's CPU kernels do not vectorise bool operands (``where(keep, t, 0)`` costs six
+    times ``t * keep.to(t.dtype)``), while a uint8 -> float cast is as fast as a copy."""
     dropped = round(p * _GRID)
     if x.device.type != "cpu" or not 0 < dropped < _GRID or abs(dropped / _GRID - p) > _FAST_MASK_REL_ERROR * p:
-        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p), 1.0 / (1.0 - p)
+        return torch.empty_like(x, dtype=torch.uint8).bernoulli_(1.0 - p), 1.0 / (1.0 - p)
     n = x.numel()
     seed = int(torch.randint(0, 2**62, (), device="cpu"))  # torch.manual_seed / fork_rng govern the mask
     words = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw((n + 3) // 4)
-    uniform = torch.from_numpy(words.view(np.int16)[:n]).view(x.shape)  # each in [-32768, 32767]
-    return uniform >= dropped - _GRID // 2, _GRID / (_GRID - dropped)
+    keep = words.view(np.int16)[:n] >= dropped - _GRID // 2  # each uniform in [-32768, 32767]
+    return torch.from_numpy(keep.view(np.uint8)).view(x.shape), _GRID / (_GRID - dropped)
 
 
 def _dropped(t: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """``t ⊙ keep · scale`` as one new tensor (``where``: no bool -> float cast of the mask)."""
-    return torch.where(keep, t, 0).mul_(scale)
+    """``t ⊙ keep · scale`` as one new tensor (the 0/1 mask cast to ``t``'s dtype, then the scale)."""
+    return t.mul(keep.to(t.dtype)).mul_(scale)
 
 
 def compute_dtype_for(x: torch.Tensor) -> torch.dtype:

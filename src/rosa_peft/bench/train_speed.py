@@ -59,7 +59,7 @@ def _code(version: str):
         return
     saved = function.dropout_keep_mask, model_module.labelled_loss
     function.dropout_keep_mask = _bernoulli_keep_mask
-    model_module.labelled_loss = lambda model, inputs: None  # loss_only falls back to the full forward
+    model_module.labelled_loss = lambda model, inputs, **kw: None  # loss_only falls back to the full forward
     try:
         with _scoring_like(freeze=False):
             yield

@@ -25,6 +25,10 @@ log = logging.getLogger("rosa_peft.sparse")
 
 # CPU: torch's CSR SDDMM wins below this density; above it the dense GEMM + gather is cheaper.
 SAMPLED_ADDMM_MAX_DENSITY = 0.05
+# CPU, bf16/fp16 operands: the dense 16-bit GEMM + gather wins over the CSR SDDMM (whose float32,
+# token-contiguous copies of both operands cost T·(out+in)) while its T·out·in multiply-adds stay small,
+# i.e. while out·in/(out+in) is at most this (SmolLM2's 576x1536: 419; a 7B layer's 4096x4096: 2048).
+DENSE_LOWP_MAX_SIZE = 512
 
 
 @dataclass
@@ -66,6 +70,17 @@ def _density(sp: SparseAdapter) -> float:
     return sp.nnz / max(1, sp.out_features * sp.in_features)
 
 
+register(
+    "sddmm",
+    Backend(
+        "dense_lowp",
+        ops.sddmm_dense_lowp,
+        lambda device, dtype, sp: (device == "cpu" and dtype in (torch.bfloat16, torch.float16)
+                                   and sp.out_features * sp.in_features
+                                   <= DENSE_LOWP_MAX_SIZE * (sp.out_features + sp.in_features)),
+        "dense 16-bit GEMM + gather (CPU, bf16/fp16, small weights)",
+    ),
+)
 register(
     "sddmm",
     Backend(

@@ -52,6 +52,35 @@ def sddmm_dense_gather(
     return out
 
 
+def sddmm_dense_lowp(grad_out: torch.Tensor, x: torch.Tensor, sp: SparseAdapter,
+                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """(grad_outᵀ · x) at the mask positions from the dense dW = grad_outᵀ · x in the inputs' 16-bit dtype.
+
+    For bf16 / fp16 operands on CPU: one GEMM in that dtype (AMX / AVX-512-BF16 kernels, float32
+    accumulation inside, the product rounded to the 16-bit dtype as the reference's bf16 gradients are),
+    then a gather, returned in float32. The GEMM reads both operands in place (a transposed view costs
+    nothing), where torch's CSR SDDMM needs float32 copies of both with the token axis contiguous; for
+    small weights the whole GEMM costs less than those copies (see ``dispatch.DENSE_LOWP_MAX_SIZE``).
+    Row chunks bound the dense block to ``chunk_elements``.
+    """
+    out = torch.empty(sp.nnz, dtype=torch.float32, device=grad_out.device)
+    if sp.nnz == 0:
+        return out
+    flat = sp.flat_indices()
+    x = x.to(grad_out.dtype)
+    in_f = sp.in_features
+    step = max(1, chunk_elements // max(1, in_f))
+    offsets = sp.row_offsets.to(torch.int64)
+    for start in range(0, sp.out_features, step):
+        stop = min(sp.out_features, start + step)
+        lo, hi = int(offsets[start]), int(offsets[stop])
+        if lo == hi:
+            continue
+        block = grad_out[:, start:stop].t() @ x  # (rows, in)
+        out[lo:hi] = block.view(-1)[flat[lo:hi] - start * in_f]
+    return out
+
+
 def _csr64(sp: SparseAdapter) -> tuple[torch.Tensor, torch.Tensor]:
     """int64 (row_offsets, col_indices), cached: torch's CSR kernels want int64 and converting per call costs."""
     return sp._cached("csr64", lambda: (sp.row_offsets.to(torch.int64), sp.col_indices.to(torch.int64)))

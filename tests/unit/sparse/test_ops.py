@@ -106,8 +106,41 @@ def test_dispatch_choice_is_explained():
     assert sparse.choose("sddmm", "cpu", torch.float32, sp).name == "sampled_addmm"
     dense_sp, _ = _adapter(40, 40, 0.5)
     assert sparse.choose("sddmm", "cpu", torch.float32, dense_sp).name == "dense_gather"
-    text = sparse.explain("cpu", torch.bfloat16, sp)
+    text = sparse.explain("cpu", torch.float32, sp)
     assert "sddmm: sampled_addmm" in text and "candidates" in text
+    assert "sddmm: dense_lowp" in sparse.explain("cpu", torch.bfloat16, sp)
+
+
+def _sized(out_f, in_f):
+    """An adapter of that shape (a diagonal mask: only the shape matters for the choice)."""
+    sp = SparseAdapter(out_f, in_f, dtype=torch.bfloat16)
+    sp.set_mask(torch.eye(out_f, in_f, dtype=torch.bool))
+    return sp
+
+
+@pytest.mark.parametrize("shape, dtype, device, expected", [
+    ((576, 1536), torch.bfloat16, "cpu", "dense_lowp"),  # SmolLM2's MLP: the GEMM costs less than the copies
+    ((192, 576), torch.float16, "cpu", "dense_lowp"),
+    ((4096, 4096), torch.bfloat16, "cpu", "sampled_addmm"),  # a 7B layer: the dense GEMM would cost more
+    ((576, 1536), torch.float32, "cpu", "sampled_addmm"),  # float32 keeps the exact CSR SDDMM
+])
+def test_sddmm_dispatch_by_dtype_and_shape(shape, dtype, device, expected):
+    assert sparse.choose("sddmm", device, dtype, _sized(*shape)).name == expected
+
+
+def test_sddmm_dense_lowp_is_the_bf16_gemm_at_the_mask():
+    sp, mask = _adapter(50, 30, 0.05, seed=4, dtype=torch.bfloat16)
+    assert (~mask.any(1)).sum() > 0  # empty rows, and chunks with no non-zero
+    g = torch.randn(40, 50).bfloat16()
+    x = torch.randn(40, 30).bfloat16()
+    gemm = (g.t() @ x)[mask].float()  # what the reference's bf16 weight gradient holds at the mask
+    for chunk in (1 << 24, 30, 90):  # one block; one row per block; three rows per block
+        got = ops.sddmm_dense_lowp(g, x, sp, chunk_elements=chunk)
+        assert got.dtype == torch.float32 and torch.equal(got, gemm), chunk
+    exact = (g.double().t() @ x.double())[mask]
+    assert torch.allclose(got.double(), exact, rtol=2 ** -7, atol=1e-2)
+    empty = SparseAdapter(50, 30, dtype=torch.bfloat16)
+    assert ops.sddmm_dense_lowp(g, x, empty).numel() == 0
 
 
 def test_scatter_write_gather_spmm():
