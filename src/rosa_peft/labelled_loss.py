@@ -5,7 +5,8 @@ causal LM's forward projects every position onto the whole vocabulary, upcasts t
 and takes a log-softmax over them. :func:`labelled_loss` runs the model's decoder, keeps the hidden states
 whose next-token label is not ``-100``, calls the output head module on those rows only (so an adapter on
 the head still runs) and computes transformers' ``ForCausalLMLoss`` on them: the same cross-entropy,
-``sum / num_items_in_batch`` when that is given, else the mean over labelled tokens.
+``sum / num_items_in_batch`` when that is given, else the mean over labelled tokens; or, with
+``reduction="sequence"``, :func:`sequence_mean_nll`'s per-sequence average (the reference's loss).
 
 It is exact only for models whose logits are ``lm_head(decoder(x))`` with nothing after it, so it applies
 to the model types in :data:`PLAIN_HEAD_MODEL_TYPES` (checked against their transformers forwards: no
@@ -50,10 +51,36 @@ def _head_and_decoder(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]
     return head, decoder
 
 
-def labelled_loss(model: nn.Module, inputs: dict) -> Optional[torch.Tensor]:
+def _per_sequence_mean(token_nll: torch.Tensor, sequence: torch.Tensor, n_sequences: int) -> torch.Tensor:
+    """The mean over sequences (those with at least one token) of each sequence's mean of ``token_nll``;
+    ``sequence[i]`` is the sequence token ``i`` belongs to. 0 (with a zero gradient) when there is no token."""
+    sums = torch.zeros(n_sequences, dtype=token_nll.dtype, device=token_nll.device).index_add(0, sequence, token_nll)
+    counts = torch.bincount(sequence, minlength=n_sequences)
+    has = counts > 0
+    return (sums[has] / counts[has]).sum() / has.sum().clamp(min=1)
+
+
+def _upcast_16bit(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
+def sequence_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The causal-LM loss averaged per sequence, as the reference trains: each sequence's mean next-token
+    NLL over its labelled positions (label != -100, shifted by one as transformers does), then the mean
+    over the sequences that have any. ``logits`` (B, T, V; 16-bit ones are upcast to float32); ``labels`` (B, T)."""
+    target = labels[:, 1:].to(logits.device)
+    keep = target != IGNORE_INDEX
+    nll = nn.functional.cross_entropy(_upcast_16bit(logits[:, :-1][keep]), target[keep], reduction="none")
+    return _per_sequence_mean(nll, keep.nonzero()[:, 0], labels.shape[0])
+
+
+def labelled_loss(model: nn.Module, inputs: dict, reduction: str = "token") -> Optional[torch.Tensor]:
     """transformers' causal-LM loss of ``model(**inputs)`` (``inputs`` with ``labels``, optionally
     ``num_items_in_batch``), computing logits only where a label is; None when ``model`` or ``inputs``
-    are not ones it is exact for (then call the model's own forward)."""
+    are not ones it is exact for (then call the model's own forward). ``reduction="sequence"``: the
+    per-sequence average of :func:`sequence_mean_nll` instead (``num_items_in_batch`` is then ignored)."""
+    if reduction not in ("token", "sequence"):
+        raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
     labels = inputs.get("labels")
     if labels is None or not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         return None
@@ -68,7 +95,11 @@ def labelled_loss(model: nn.Module, inputs: dict) -> Optional[torch.Tensor]:
     hidden = decoder(**decoder_inputs, use_cache=False).last_hidden_state
     target = labels[:, 1:].to(hidden.device)
     keep = target != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep]).float()
+    logits = head(hidden[:, :-1][keep])
+    if reduction == "sequence":
+        nll = nn.functional.cross_entropy(_upcast_16bit(logits), target[keep], reduction="none")
+        return _per_sequence_mean(nll, keep.nonzero()[:, 0], labels.shape[0])
+    logits = logits.float()  # as ForCausalLMLoss
     if num_items is None:
         return nn.functional.cross_entropy(logits, target[keep], reduction="mean")
     loss = nn.functional.cross_entropy(logits, target[keep], reduction="sum")
@@ -77,4 +108,4 @@ def labelled_loss(model: nn.Module, inputs: dict) -> Optional[torch.Tensor]:
     return loss / num_items
 
 
-__all__ = ["DECODER_INPUTS", "PLAIN_HEAD_MODEL_TYPES", "labelled_loss"]
+__all__ = ["DECODER_INPUTS", "PLAIN_HEAD_MODEL_TYPES", "labelled_loss", "sequence_mean_nll"]

@@ -26,7 +26,7 @@ from . import hub, modelcard
 from .bases import base_shape, resolve_base_kind
 from .config import CONFIG_NAME, RosaConfig
 from .embedding import RosaEmbedding
-from .labelled_loss import labelled_loss
+from .labelled_loss import labelled_loss, sequence_mean_nll
 from .layer import BASE_ONLY, RosaLayer, RosaLinear
 from .modules_to_save import (
     SEP,
@@ -217,15 +217,29 @@ class RosaModel(nn.Module):
             for layer in layers:
                 layer._sync_base()
 
-    def forward(self, *args, adapter_names: Optional[list] = None, loss_only: bool = False, **kwargs):
+    def forward(self, *args, adapter_names: Optional[list] = None, loss_only: bool = False,
+                loss_reduction: str = "token", **kwargs):
         """The wrapped model's forward. ``loss_only=True`` (with ``labels``): return only the loss, with
         the output head run at the labelled positions alone (``labelled_loss``; ``logits`` is None), the
-        same value as the full forward's; models or inputs it is not exact for run the full forward."""
+        same value as the full forward's; models or inputs it is not exact for run the full forward.
+        ``loss_reduction="sequence"`` (with ``loss_only``): the loss is instead averaged per sequence
+        (``labelled_loss.sequence_mean_nll``, the reference's loss), on either path."""
         self._refuse_merged_under_fsdp()
+        if loss_reduction not in ("token", "sequence"):
+            raise ValueError(f"loss_reduction must be 'token' or 'sequence', got {loss_reduction!r}")
+        if loss_reduction == "sequence" and not (loss_only and kwargs.get("labels") is not None):
+            raise ValueError("loss_reduction='sequence' needs loss_only=True and labels")
         if loss_only and not args and adapter_names is None:
-            loss = labelled_loss(self.model, kwargs)
+            loss = labelled_loss(self.model, kwargs, reduction=loss_reduction)
             if loss is not None:
                 return CausalLMOutputWithPast(loss=loss)
+        if loss_reduction == "sequence":
+            labels = kwargs.pop("labels")
+            kwargs.pop("num_items_in_batch", None)
+            with self._mixed_batch(adapter_names):
+                out = self.model(*args, **kwargs)
+            out.loss = sequence_mean_nll(out.logits, labels)
+            return out
         with self._mixed_batch(adapter_names):
             return self.model(*args, **kwargs)
 

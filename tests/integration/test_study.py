@@ -82,6 +82,8 @@ def test_task_overrides_and_default_r_d(tmp_path):
     ({"train": {"max_steps": "2"}}, "train.max_steps"),
     ({"train": {"seed": 1}}, "train: unknown key(s) seed"),
     ({"eval": {"limit": 0}}, "eval.limit"),
+    ({"eval": {"dtype": "float16"}}, "eval.dtype: expected one of float32, bfloat16"),
+    ({"eval": {"merge": "yes"}}, "eval.merge: expected true or false"),
     ({"task_overrides": {"viggo": {}}}, "task_overrides: unknown key(s) viggo"),
     ({"task_overrides": {"sql-synth": {"train": {"lr": "fast"}}}}, "task_overrides.sql-synth.train.lr"),
 ])
@@ -224,6 +226,22 @@ def test_cells_run_in_their_own_process_and_in_parts(tmp_path, tiny_base):
     assert "sql-synth-rosa-r2-d0.05-s1" in (out / "results.md").read_text()
 
 
+@pytest.mark.parametrize("method", [{"method": "rosa", "r": 2, "density": 0.05}, {"method": "fft"}])
+def test_paper_recipe_cell_is_evaluated_in_bf16_merged(tmp_path, tiny_base, method):
+    out = tmp_path / "results"
+    cfg = write_config(tmp_path / "s.yaml", out, tiny_base, methods=[method], seeds=[0],
+                       train={**TRAIN, "recipe": "paper"}, eval={**EVAL, "dtype": "bfloat16", "merge": True})
+    assert rosa_study(cfg, "--no-progress", "--in-process") == 0
+    (cell,) = (out / "cells").iterdir()
+    run = json.loads((cell / "run_config.json").read_text())
+    assert (run["recipe"], run["dtype"], run["adapter_dtype"], run["loss_average"]) == (
+        "paper", "bfloat16", "bfloat16", "sequence")
+    rec = json.loads((cell / "cell.json").read_text())
+    report = json.loads((cell / rec["eval"]["report"]).read_text())
+    assert report["model"]["dtype"] == "bfloat16"
+    assert report["model"]["merged"] is (method["method"] == "rosa")  # full fine-tuning has nothing to merge
+
+
 # SmolLM2-135M: one LoRA rank over all linear weights = 305,280 parameters; the linear weights hold 106,168,320
 SMOL_RANK_UNIT, SMOL_LINEAR = 305_280, 106_168_320
 
@@ -244,3 +262,35 @@ def test_shipped_study_configs(name, task):
     assert {b: sorted(m) for b, m in budgets.items()} == {b: ["lora", "rosa", "rosa", "spa"] for b in (4, 8, 16)}
     two_seeds = {c.entry for c in study.cells if c.seed == 1}
     assert two_seeds == {"lora-r8", "rosa-r6-d0.0058", "spa-d0.023", "fft"}
+
+
+@pytest.mark.parametrize("name, task", [("study-sql-full.yaml", "sql"), ("study-viggo-2k.yaml", "viggo")])
+def test_shipped_full_scale_study_configs(name, task):
+    """The grids of issue #15: the middle budget's LoRA, two RoSA mixes, SpA and FFT at seeds 0/1/2, a three-point
+    LR sweep at seed 0 for LoRA, SpA and FFT, the paper recipe at global batch 32, bf16 merged evaluation."""
+    study = load_config(os.path.join(str(REPO), "configs", name))
+    assert study.tasks == [task] and len(study.cells) == 21
+    main = {"lora-r8", "rosa-r6-d0.0058", "rosa-r4-d0.0115", "spa-d0.023", "fft"}
+    for seed in (0, 1, 2):
+        assert {c.entry for c in study.cells if c.seed == seed} >= main
+    for e in study.entries:
+        if e["method"] != "fft":
+            units = (e.get("r") or 0) + (e.get("density") or 0) * SMOL_LINEAR / SMOL_RANK_UNIT
+            assert units == pytest.approx(8, rel=0.01), e["name"]
+    swept = {}
+    for c in study.cells:
+        opts = c.train_options(study, "unused")
+        assert (opts.recipe, opts.batch_size * opts.grad_accum, opts.epochs) == ("paper", 32, 1.0)
+        assert (opts.loss_average, opts.max_grad_norm, opts.adapter_dtype) == ("sequence", 0.0, "bfloat16")
+        # full fine-tuning keeps float32 master weights under bf16 autocast; the adapters train in pure bf16
+        assert (opts.dtype, opts.bf16) == (("float32", True) if c.method == "fft" else ("bfloat16", False))
+        assert opts.limit == (2048 if task == "viggo" else None)
+        assert (c.eval.get("dtype"), c.eval.get("merge"), c.eval.get("limit")) == (
+            "bfloat16", True, 300 if task == "viggo" else None)
+        if c.entry not in main:
+            assert c.seed == 0
+        lr = opts.lora_lr if c.method == "lora" else opts.lr
+        swept.setdefault(c.method, set()).add(lr)
+    for method, centre in (("lora", 7e-4), ("spa", 2e-4), ("fft", 4e-5)):
+        low, mid, high = sorted(swept[method])
+        assert mid == centre and low == pytest.approx(centre / 3, rel=0.05) and high == pytest.approx(centre * 3, rel=0.05)

@@ -19,7 +19,8 @@ from ..utils.checks import is_int, is_real
 
 TOP_KEYS = ("output_dir", "model", "data_dir", "tasks", "methods", "seeds", "train", "eval", "task_overrides")
 ENTRY_KEYS = ("method", "r", "density", "budget", "rosa_lora_fraction", "name", "seeds", "train")
-EVAL_KEYS = ("limit", "batch_size", "max_new_tokens", "split")
+EVAL_KEYS = ("limit", "batch_size", "max_new_tokens", "split", "dtype", "merge")
+EVAL_DTYPES = ("float32", "bfloat16")  # the dtype the trained cell is loaded in for evaluation (default float32)
 # TrainOptions fields that the study itself sets per cell (not settable under `train:`)
 STUDY_OWNED = ("model", "task", "data_dir", "method", "r", "density", "budget", "output_dir", "seed", "resume",
                "progress", "extra", "save_steps", "rosa_lora_fraction")
@@ -118,6 +119,12 @@ def _check_eval(where: str, value) -> dict:
         if key == "split":
             if v is not None and not isinstance(v, str):
                 raise StudyConfigError(f"{where}.split: expected a string, got {v!r}")
+        elif key == "dtype":
+            if v not in EVAL_DTYPES:
+                raise StudyConfigError(f"{where}.dtype: expected one of {', '.join(EVAL_DTYPES)}, got {v!r}")
+        elif key == "merge":
+            if not isinstance(v, bool):
+                raise StudyConfigError(f"{where}.merge: expected true or false, got {v!r}")
         elif v is not None and (not _is_int(v) or v < 1):
             raise StudyConfigError(f"{where}.{key}: expected an integer >= 1, got {v!r}")
     return ev

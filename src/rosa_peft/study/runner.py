@@ -30,6 +30,7 @@ from ..utils.io import atomic_write_text, read_json_object
 from . import figures
 from .config import Cell, StudyConfig, StudyConfigError
 from .structure import mask_structure
+from .paired import load_vectors, paired_differences
 from .table import render_json, render_markdown
 
 log = logging.getLogger("rosa_peft.study")
@@ -85,15 +86,18 @@ def check_inputs(study: StudyConfig) -> None:
 
 
 def _load_trained(study: StudyConfig, cell: Cell, directory: str):
-    """(model, tokenizer, info) of the trained cell, as ``rosa eval`` would load it."""
+    """(model, tokenizer, info) of the trained cell, as ``rosa eval`` would load it: in the config's
+    ``eval.dtype`` (default float32), the adapter merged when ``eval.merge`` (default: unmerged, as the
+    first grids' cells were scored)."""
+    dtype = cell.eval.get("dtype", "float32")
     if METHODS[cell.method].wraps_adapter:
-        return load_for_eval(study.model, adapter=directory, merge=False)  # as the committed cells were scored
+        return load_for_eval(study.model, adapter=directory, dtype=dtype, merge=cell.eval.get("merge", False))
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "tokenizer"))
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    return model, tokenizer, {"model": directory, "adapter": None, "merged": False, "dtype": "float32"}
+    return model, tokenizer, {"model": directory, "adapter": None, "merged": False, "dtype": dtype}
 
 
 def run_cell(study: StudyConfig, cell: Cell, progress: bool = False) -> dict:
@@ -195,9 +199,10 @@ def write_results(study: StudyConfig) -> List[dict]:
         record = read_cell(path)
         record["cell_json"] = os.path.relpath(path, study.output_dir)
         records.append(record)
-    atomic_write_text(os.path.join(study.output_dir, "results.json"), render_json(records))
-    atomic_write_text(os.path.join(study.output_dir, "results.md"), render_markdown(records))
     dirs = [cell_dir(study, cell) for cell in study.cells]
+    paired = paired_differences(records, load_vectors(records, dirs))
+    atomic_write_text(os.path.join(study.output_dir, "results.json"), render_json(records, paired))
+    atomic_write_text(os.path.join(study.output_dir, "results.md"), render_markdown(records, paired))
     figures.plot_accuracy(records, os.path.join(study.output_dir, "results.png"))
     figures.plot_losses(records, dirs, os.path.join(study.output_dir, "loss.png"))
     figures.plot_masks(records, dirs, os.path.join(study.output_dir, "masks.png"))

@@ -65,7 +65,7 @@ def aggregate(records: Sequence[dict]) -> List[dict]:
     return rows
 
 
-def render_json(records: Sequence[dict]) -> str:
+def render_json(records: Sequence[dict], paired: Sequence[dict] = ()) -> str:
     cells = []
     for r in records:
         cells.append({"cell": r["cell"], "cell_json": r["cell_json"], "task": r["task"], "entry": r["entry"],
@@ -73,6 +73,8 @@ def render_json(records: Sequence[dict]) -> str:
                       "seed": r["seed"], "budget": r.get("budget"), **r["train"],
                       "split": r["eval"]["split"], "eval": r["eval"]["summary"], "eval_time_s": r["eval"]["time_s"]})
     doc = {"format": RESULTS_FORMAT, "cells": cells, "aggregate": aggregate(records)}
+    if paired:
+        doc["paired"] = list(paired)
     return json.dumps(doc, indent=2, sort_keys=False) + "\n"
 
 
@@ -141,7 +143,23 @@ def budget_order(rows: Sequence[dict]) -> List[dict]:
     return sorted(rows, key=key)
 
 
-def render_markdown(records: Sequence[dict]) -> str:
+def _paired_lines(paired: Sequence[dict]) -> List[str]:
+    """The paired-differences section (``study.paired``): one line per compared pair of entries."""
+    out = ["", "## Paired differences", "",
+           "Mean over the common seeds of the difference in the primary metric (percentage points), a 95 % "
+           "bootstrap interval over the evaluation examples (the same resample for every seed and both methods), "
+           "and each seed's difference. Separated: the interval excludes 0.", "",
+           _line(["Task", "Method", "vs", "Seeds", "Difference (pp)", "95% CI (pp)", "Per seed (pp)", "Separated"]),
+           "|---|---|---|---|---:|---:|---:|---|"]
+    for p in paired:
+        out.append(_line([
+            p["task"], f"{label_of(p['method'])} ({p['entry']})", f"{label_of(p['vs_method'])} ({p['vs_entry']})",
+            ",".join(map(str, p["seeds"])), f"{p['diff']:+.1f}", f"[{p['ci'][0]:+.1f}, {p['ci'][1]:+.1f}]",
+            " / ".join(f"{d:+.1f}" for d in p["per_seed"]), "yes" if p["separated"] else "no"]))
+    return out
+
+
+def render_markdown(records: Sequence[dict], paired: Sequence[dict] = ()) -> str:
     rows = aggregate(records)
     out = ["# Study results", "",
            f"{len(records)} cells; mean ± sample sd over seeds. Every number comes from a `cells/*/cell.json`."]
@@ -160,6 +178,8 @@ def render_markdown(records: Sequence[dict]) -> str:
                 ",".join(map(str, row["seeds"])),
                 *[_stat(row[key], _FMT[key]) for _, key in columns],
                 *[_stat(row[key], _FMT[key]) for key in ("train_loss", "train_time_s", "peak_rss_mb")]]))
+    if paired:
+        out += _paired_lines(paired)
     out += ["", "## Cells", "", _line(["Cell", "Seed", "Accuracy (%)", "n", "Train loss", "Steps", "Train time (s)",
                                       "Eval time (s)", "Peak RSS (MB)", "Record"]),
             "|" + "|".join(["---"] * 2 + ["---:"] * 7 + ["---"]) + "|"]

@@ -40,6 +40,7 @@ from ..utils.io import atomic_write_text, is_temp_name, read_json_object, remove
 from .budget import budget_units, check_rosa_lora_fraction, resolve_budget
 from .methods import METHODS
 from .outputs import MetricsWriter, plot_loss
+from .recipes import LOSS_AVERAGES, RECIPE_OPTIONS, RECIPES, SCALED_OPTIONS, get_recipe
 from .schedule import ScheduleConfig
 from .trainer import MASKS_FILE, RosaTrainer
 
@@ -53,6 +54,7 @@ def _opt(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
 
+ADAPTER_DTYPES = ("float32", "bfloat16")  # float16 adapters would need loss scaling, as float16 weights
 _DATA, _METHOD, _OPTIM, _MASKS, _RUN, _HW = ("model and data", "method and adapter", "optimisation",
                                               "masks (RoSA, SpA)", "run directory", "precision and quantization")
 
@@ -98,9 +100,21 @@ class TrainOptions:
                              "reference's scheme) or auto", group=_METHOD, choices=("auto", "merged", "sp_add"))
     epochs: float = _opt(1.0, "passes over the training examples (when --max-steps is -1)", group=_OPTIM)
     max_steps: int = _opt(-1, "optimizer steps after RoSA's LoRA warm-up (-1: from --epochs)", group=_OPTIM)
-    lr: float = _opt(2e-4, "learning rate of the sparse values (and of every weight for fft)", group=_OPTIM)
-    lora_lr: Optional[float] = _opt(7e-4, "learning rate of the LoRA factors", group=_OPTIM)
-    lr_warmup_steps: int = _opt(20, "linear learning-rate warm-up steps", group=_OPTIM)
+    recipe: str = _opt("default", "what the options below default to: " + "; ".join(
+                           f"{r.name}: {r.help}" for r in RECIPES.values()) + " (docs/training.md)",
+                       group=_OPTIM, choices=tuple(RECIPES))
+    lr: Optional[float] = _opt(None, "learning rate of the sparse values (and of every weight for fft)", group=_OPTIM,
+                               default_text="from --recipe: 2e-4")
+    lora_lr: Optional[float] = _opt(None, "learning rate of the LoRA factors", group=_OPTIM,
+                                    default_text="from --recipe: 7e-4")
+    lr_warmup_steps: Optional[int] = _opt(None, "linear learning-rate warm-up steps", group=_OPTIM,
+                                          default_text="from --recipe: 20; paper: scaled to the run length")
+    max_grad_norm: Optional[float] = _opt(None, "clip the gradient norm to this before each step (0: no clipping)",
+                                          group=_OPTIM, default_text="from --recipe: default 1.0, paper 0")
+    loss_average: Optional[str] = _opt(None, "token: the mean over every labelled token of the accumulated batch "
+                                             "(transformers' default); sequence: the mean over its sequences of "
+                                             "each one's mean (the reference)", group=_OPTIM,
+                                       choices=LOSS_AVERAGES, default_text="from --recipe: default token, paper sequence")
     batch_size: int = _opt(1, "micro-batch: examples per forward/backward pass in each process", group=_OPTIM)
     grad_accum: int = _opt(32, "micro-batches per optimizer step (effective batch = batch-size x grad-accum x "
                                "processes)", group=_OPTIM)
@@ -110,15 +124,20 @@ class TrainOptions:
                                choices=CRITERIA)
     mask_budget: str = _opt("per_layer", "top-k per weight matrix or over the whole model", group=_MASKS,
                             choices=BUDGETS)
-    warmup_steps: int = _opt(64, "RoSA's LoRA-only steps before the masks are scored", group=_MASKS)
+    warmup_steps: Optional[int] = _opt(None, "RoSA's LoRA-only steps before the masks are scored", group=_MASKS,
+                                       default_text="from --recipe: 64; paper: scaled to the run length")
     mask_grad_steps: int = _opt(1, "micro-batches of gradients accumulated to score the masks", group=_MASKS)
     masks: Optional[str] = _opt(None, "use the masks in this .safetensors file instead of scoring gradients",
                                 group=_MASKS, metavar="FILE")
     output_dir: str = _opt("runs/rosa", "run directory: adapter, masks, run_config.json, metrics.jsonl, loss.png "
                                         "(must be absent or empty unless --resume)", group=_RUN, metavar="DIR")
     seed: int = _opt(42, "random seed (data order, initialisation, random masks)", group=_RUN)
-    dtype: str = _opt("float32", "base model dtype (float16 is refused: fp16 weights train unstably without "
-                                 "loss scaling; use bfloat16 or --bf16)", group=_HW, choices=DTYPES)
+    dtype: Optional[str] = _opt(None, "base model dtype (float16 is refused: fp16 weights train unstably without "
+                                      "loss scaling; use bfloat16 or --bf16)", group=_HW, choices=DTYPES,
+                                default_text="from --recipe: default float32, paper bfloat16")
+    adapter_dtype: Optional[str] = _opt(None, "dtype of the LoRA factors and sparse values, and so of their optimizer "
+                                              "state", group=_HW, choices=ADAPTER_DTYPES,
+                                        default_text="from --recipe: default float32, paper bfloat16")
     bf16: bool = _opt(False, "bf16 autocast (mixed precision)", group=_HW)
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, slower", group=_HW)
     save_steps: int = _opt(0, "checkpoint every N steps (0: never)", group=_RUN)
@@ -133,14 +152,33 @@ class TrainOptions:
     def __post_init__(self):
         coerce_fields(self)  # YAML / Python values to the declared types, before anything loads
         self.check()
+        recipe = get_recipe(self.recipe)
+        for name in RECIPE_OPTIONS:  # what was not given comes from the recipe (warm-ups it scales: at run time)
+            if getattr(self, name) is None and not (recipe.reference_steps and name in SCALED_OPTIONS):
+                setattr(self, name, getattr(recipe, name))
+
+    def resolve_warmups(self, run_steps: int) -> None:
+        """Fill the warm-ups still unset with the recipe's, scaled to a run of ``run_steps`` optimizer steps."""
+        recipe = get_recipe(self.recipe)
+        for name in SCALED_OPTIONS:
+            if getattr(self, name) is None:
+                setattr(self, name, recipe.scaled(getattr(recipe, name), run_steps))
 
     def check(self) -> None:
         """ValueError for a value no run could take (one line naming the option); needs no file or model."""
         for name, choices in (("method", METHODS), ("mask_criterion", CRITERIA), ("mask_budget", BUDGETS),
-                              ("dtype", DTYPES), ("quantize", QUANTIZE), ("quant_backend", QUANT_BACKENDS)):
+                              ("dtype", DTYPES), ("quantize", QUANTIZE), ("quant_backend", QUANT_BACKENDS),
+                              ("recipe", RECIPES), ("loss_average", LOSS_AVERAGES),
+                              ("adapter_dtype", ADAPTER_DTYPES)):
             value = getattr(self, name)
+            if value is None and name in RECIPE_OPTIONS:
+                continue  # filled from the recipe
             if value not in choices:
                 raise ValueError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of {', '.join(choices)}")
+        for name in ("lr", "lora_lr", "max_grad_norm", "lr_warmup_steps", "warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         for name in ("batch_size", "grad_accum", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -207,7 +245,7 @@ def _build_model(opts: TrainOptions):
             p.requires_grad_(True)
         return model, tokenizer, r, d
     cfg = RosaConfig(r=r, density=d, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                     target_modules=opts.target_modules, impl=opts.impl,
+                     target_modules=opts.target_modules, impl=opts.impl, adapter_dtype=opts.adapter_dtype,
                      base_model_name_or_path=opts.model or "smollm2-135m")
     return get_rosa_model(model, cfg), tokenizer, r, d
 
@@ -337,7 +375,6 @@ def run_training(opts: TrainOptions) -> dict:
     With ``opts.resume`` on a finished run (see :func:`finished_run`) nothing is trained or written: it
     says so and returns the stored summary with ``already_complete: True`` added."""
     task, examples = validate(opts)
-    schedule = _schedule(opts)
     out = os.path.abspath(opts.output_dir)
     main = is_main_process()
     if opts.resume:
@@ -366,7 +403,8 @@ def run_training(opts: TrainOptions) -> dict:
         args = TrainingArguments(
             output_dir=os.path.join(out, "checkpoints"), per_device_train_batch_size=opts.batch_size,
             gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr, num_train_epochs=opts.epochs,
-            max_steps=opts.max_steps, warmup_steps=opts.lr_warmup_steps, lr_scheduler_type="linear",
+            max_steps=opts.max_steps, warmup_steps=opts.lr_warmup_steps or 0, lr_scheduler_type="linear",
+            max_grad_norm=opts.max_grad_norm,
             weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, logging_steps=opts.logging_steps,
             save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500,
             seed=opts.seed, data_seed=opts.seed, bf16=opts.bf16, use_cpu=not torch.cuda.is_available(),
@@ -375,8 +413,11 @@ def run_training(opts: TrainOptions) -> dict:
             **_sampling_args(opts.batch_size),
         )
         trainer = RosaTrainer(model=model, args=args, train_dataset=train_ds, data_collator=Collator(tokenizer),
-                              schedule=schedule, lora_lr=opts.lora_lr, phase_listener=metrics.phase,
-                              callbacks=[metrics])
+                              lora_lr=opts.lora_lr, phase_listener=metrics.phase, callbacks=[metrics],
+                              loss_average=opts.loss_average)
+        opts.resolve_warmups(trainer.full_run_steps())  # a recipe that scales them needs the run's length
+        args.warmup_steps = opts.lr_warmup_steps
+        schedule = trainer.schedule = _schedule(opts)
         totals = _run_totals_callback(_resume_totals(args.output_dir) if opts.resume else None)
         totals.trainer = trainer
         trainer.add_callback(totals)

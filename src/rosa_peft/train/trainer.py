@@ -27,11 +27,13 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
+from ..labelled_loss import sequence_mean_nll
 from ..masks import compute_masks, load_masks, save_masks
 from ..model import RosaModel
 from ..utils.checks import UserError
 from ..utils.io import atomic_write_text
 from .optim import build_optimizer
+from .recipes import LOSS_AVERAGES
 from .schedule import ScheduleConfig, init_adapter_weights
 
 log = logging.getLogger("rosa_peft.train")
@@ -121,9 +123,27 @@ class _PhaseCallback(TrainerCallback):
 
 
 class RosaTrainer(Trainer):
+    """``loss_average="sequence"``: the loss of each optimizer step is the mean over its sequences of each
+    sequence's mean next-token NLL (the reference's, which trains micro-batches of one sequence); the
+    default ``"token"`` is transformers' mean over every labelled token of the accumulated batch. In
+    sequence mode each micro-batch returns the mean over its own sequences and the Trainer divides by
+    the number of micro-batches accumulated, so the step's loss is exactly the per-sequence mean when
+    the micro-batches of a step hold equally many sequences (always at ``per_device_train_batch_size``
+    1; otherwise all but an epoch's last, shorter micro-batch); DDP averages it over processes."""
+
     def __init__(self, *args, schedule: Optional[ScheduleConfig] = None, lora_lr: Optional[float] = None,
-                 phase_listener=None, **kwargs):
+                 phase_listener=None, loss_average: str = "token", **kwargs):
+        if loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}, got {loss_average!r}")
         super().__init__(*args, **kwargs)
+        self.loss_average = loss_average
+        if loss_average == "sequence":
+            if self.compute_loss_func is not None or self.label_smoother is not None:
+                raise ValueError("loss_average='sequence' cannot be combined with compute_loss_func or label "
+                                 "smoothing (they define the loss themselves)")
+            # the model is not given num_items_in_batch, and the Trainer divides each micro-batch's loss by
+            # the accumulation steps (transformers 4.46+ and 5 both decide that from this attribute)
+            self.model_accepts_loss_kwargs = False
         if schedule is None:
             has_density = isinstance(self.model, RosaModel) and self.model.peft_config[self.model.active_adapter].density > 0
             schedule = ScheduleConfig(mode="rosa" if has_density else "lora_only", seed=self.args.seed)
@@ -150,13 +170,26 @@ class RosaTrainer(Trainer):
         """Trainer's loss, with the output head run only at labelled positions (``RosaModel(loss_only=True)``:
         the same value, without the full-vocabulary logits). Not when the outputs are wanted, with a custom
         loss (``compute_loss_func``, label smoothing) or under a trainer class that computes its own loss
-        (e.g. TRL's, composed through ``rosa_trainer_class``)."""
+        (e.g. TRL's, composed through ``rosa_trainer_class``). With ``loss_average="sequence"`` the
+        micro-batch's per-sequence mean (see the class)."""
+        if self.loss_average == "sequence" and "labels" in inputs:
+            return self._sequence_mean_loss(model, inputs, return_outputs)
         if (not return_outputs and self.compute_loss_func is None and self.label_smoother is None
                 and "labels" in inputs and isinstance(self.accelerator.unwrap_model(model), RosaModel)
                 and self._default_loss_after_us()):
             inputs = {**inputs, "loss_only": True}
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def _sequence_mean_loss(self, model, inputs, return_outputs: bool):
+        if not self._default_loss_after_us():
+            raise ValueError(f"loss_average='sequence' needs transformers.Trainer's compute_loss after RosaTrainer's; "
+                             f"{type(self).__name__} computes its own loss")
+        if not return_outputs and isinstance(self.accelerator.unwrap_model(model), RosaModel):
+            return model(**inputs, loss_only=True, loss_reduction="sequence").loss
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})  # full fine-tuning, or logits wanted
+        loss = sequence_mean_nll(outputs.logits, inputs["labels"])
+        return (loss, outputs) if return_outputs else loss
 
     def _default_loss_after_us(self) -> bool:
         """The next ``compute_loss`` in this class's MRO after RosaTrainer's is transformers.Trainer's."""
