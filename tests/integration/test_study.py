@@ -264,10 +264,13 @@ def test_shipped_study_configs(name, task):
     assert two_seeds == {"lora-r8", "rosa-r6-d0.0058", "spa-d0.023", "fft"}
 
 
-@pytest.mark.parametrize("name, task", [("study-sql-full.yaml", "sql"), ("study-viggo-2k.yaml", "viggo")])
-def test_shipped_full_scale_study_configs(name, task):
-    """The grids of issue #15: the middle budget's LoRA, two RoSA mixes, SpA and FFT at seeds 0/1/2, a three-point
-    LR sweep at seed 0 for LoRA, SpA and FFT, the paper recipe at global batch 32, bf16 merged evaluation."""
+@pytest.mark.parametrize("name, task, train_limit, eval_limit", [
+    ("study-sql-full.yaml", "sql", None, None), ("study-viggo-2k.yaml", "viggo", 2048, 300),
+    ("study-viggo-gpu.yaml", "viggo", None, None), ("study-gsm8k-gpu.yaml", "gsm8k", None, None)])
+def test_shipped_full_scale_study_configs(name, task, train_limit, eval_limit):
+    """The grids of issue #15 (and their GPU variants): the middle budget's LoRA, two RoSA mixes, SpA and FFT at
+    seeds 0/1/2, a three-point LR sweep at seed 0 for LoRA, SpA and FFT, the paper recipe at global batch 32,
+    bf16 merged evaluation."""
     study = load_config(os.path.join(str(REPO), "configs", name))
     assert study.tasks == [task] and len(study.cells) == 21
     main = {"lora-r8", "rosa-r6-d0.0058", "rosa-r4-d0.0115", "spa-d0.023", "fft"}
@@ -284,9 +287,8 @@ def test_shipped_full_scale_study_configs(name, task):
         assert (opts.loss_average, opts.max_grad_norm, opts.adapter_dtype) == ("sequence", 0.0, "bfloat16")
         # full fine-tuning keeps float32 master weights under bf16 autocast; the adapters train in pure bf16
         assert (opts.dtype, opts.bf16) == (("float32", True) if c.method == "fft" else ("bfloat16", False))
-        assert opts.limit == (2048 if task == "viggo" else None)
-        assert (c.eval.get("dtype"), c.eval.get("merge"), c.eval.get("limit")) == (
-            "bfloat16", True, 300 if task == "viggo" else None)
+        assert opts.limit == train_limit
+        assert (c.eval.get("dtype"), c.eval.get("merge"), c.eval.get("limit")) == ("bfloat16", True, eval_limit)
         if c.entry not in main:
             assert c.seed == 0
         lr = opts.lora_lr if c.method == "lora" else opts.lr
