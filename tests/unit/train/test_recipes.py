@@ -271,3 +271,22 @@ def test_rosa_train_recipe_paper_trains_bf16_without_clipping(tmp_path, recipe, 
         assert 1.0 in clips and {p.dtype for p in adapter_params} == {torch.float32}
         assert all(s["exp_avg"].dtype == torch.float32 for s in states)
 
+
+
+@pytest.mark.parametrize("task, r, density", [("gsm8k", 16, 0.018), ("viggo", 16, 0.006), ("sql", 4, 0.0045)])
+def test_packaged_paper_configs_are_the_reference_runs(task, r, density):
+    """``rosa train --config paper-TASK.yaml``: the reference's released bf16 run of that task (r, d, one epoch
+    at global batch 32 = 1 x 32) under ``--recipe paper``."""
+    import argparse
+
+    from rosa_peft.train.command import add_arguments, options_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    opts = options_from_args(p.parse_args(["--config", f"paper-{task}.yaml"]))
+    assert (opts.recipe, opts.task, opts.method, opts.r, opts.density) == ("paper", task, "rosa", r, density)
+    assert (opts.epochs, opts.batch_size, opts.grad_accum, opts.max_seq_len) == (1.0, 1, 32, 512)
+    assert (opts.dtype, opts.adapter_dtype, opts.max_grad_norm, opts.loss_average, opts.lr, opts.lora_lr) == (
+        "bfloat16", "bfloat16", 0.0, "sequence", 2e-4, 7e-4)
+    opts.resolve_warmups(160)
+    assert (opts.lr_warmup_steps, opts.warmup_steps) == (20, 64)
