@@ -33,6 +33,7 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({
 # inputs the decoder takes as they are; any other key (pixel values, a cache, shift_labels ...) falls back
 DECODER_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids"})
 IGNORE_INDEX = -100
+REDUCTIONS = ("token", "sequence")  # transformers' mean over labelled tokens; the reference's per-sequence mean
 
 
 def _head_and_decoder(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
@@ -51,17 +52,23 @@ def _head_and_decoder(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]
     return head, decoder
 
 
-def _per_sequence_mean(token_nll: torch.Tensor, sequence: torch.Tensor, n_sequences: int) -> torch.Tensor:
-    """The mean over sequences (those with at least one token) of each sequence's mean of ``token_nll``;
-    ``sequence[i]`` is the sequence token ``i`` belongs to. 0 (with a zero gradient) when there is no token."""
-    sums = torch.zeros(n_sequences, dtype=token_nll.dtype, device=token_nll.device).index_add(0, sequence, token_nll)
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"loss reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+
+
+def _per_sequence_mean_nll(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``logits`` (N, V) at the N positions where ``keep`` (B, T) is True, ``target`` (B, T): the mean over
+    sequences (those with a kept position) of each sequence's mean NLL (16-bit logits upcast to float32);
+    0, with a zero gradient, when nothing is kept."""
+    logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+    nll = nn.functional.cross_entropy(logits, target[keep], reduction="none")
+    sequence = keep.nonzero()[:, 0]
+    n_sequences = keep.shape[0]
+    sums = torch.zeros(n_sequences, dtype=nll.dtype, device=nll.device).index_add(0, sequence, nll)
     counts = torch.bincount(sequence, minlength=n_sequences)
     has = counts > 0
     return (sums[has] / counts[has]).sum() / has.sum().clamp(min=1)
-
-
-def _upcast_16bit(logits: torch.Tensor) -> torch.Tensor:
-    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
 
 
 def sequence_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -70,8 +77,7 @@ def sequence_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     over the sequences that have any. ``logits`` (B, T, V; 16-bit ones are upcast to float32); ``labels`` (B, T)."""
     target = labels[:, 1:].to(logits.device)
     keep = target != IGNORE_INDEX
-    nll = nn.functional.cross_entropy(_upcast_16bit(logits[:, :-1][keep]), target[keep], reduction="none")
-    return _per_sequence_mean(nll, keep.nonzero()[:, 0], labels.shape[0])
+    return _per_sequence_mean_nll(logits[:, :-1][keep], target, keep)
 
 
 def labelled_loss(model: nn.Module, inputs: dict, reduction: str = "token") -> Optional[torch.Tensor]:
@@ -79,8 +85,7 @@ def labelled_loss(model: nn.Module, inputs: dict, reduction: str = "token") -> O
     ``num_items_in_batch``), computing logits only where a label is; None when ``model`` or ``inputs``
     are not ones it is exact for (then call the model's own forward). ``reduction="sequence"``: the
     per-sequence average of :func:`sequence_mean_nll` instead (``num_items_in_batch`` is then ignored)."""
-    if reduction not in ("token", "sequence"):
-        raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
+    check_reduction(reduction)
     labels = inputs.get("labels")
     if labels is None or not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         return None
@@ -97,8 +102,7 @@ def labelled_loss(model: nn.Module, inputs: dict, reduction: str = "token") -> O
     keep = target != IGNORE_INDEX
     logits = head(hidden[:, :-1][keep])
     if reduction == "sequence":
-        nll = nn.functional.cross_entropy(_upcast_16bit(logits), target[keep], reduction="none")
-        return _per_sequence_mean(nll, keep.nonzero()[:, 0], labels.shape[0])
+        return _per_sequence_mean_nll(logits, target, keep)
     logits = logits.float()  # as ForCausalLMLoss
     if num_items is None:
         return nn.functional.cross_entropy(logits, target[keep], reduction="mean")
@@ -108,4 +112,5 @@ def labelled_loss(model: nn.Module, inputs: dict, reduction: str = "token") -> O
     return loss / num_items
 
 
-__all__ = ["DECODER_INPUTS", "PLAIN_HEAD_MODEL_TYPES", "labelled_loss", "sequence_mean_nll"]
+__all__ = ["DECODER_INPUTS", "PLAIN_HEAD_MODEL_TYPES", "REDUCTIONS", "check_reduction", "labelled_loss",
+           "sequence_mean_nll"]

@@ -26,7 +26,7 @@ from . import hub, modelcard
 from .bases import base_shape, resolve_base_kind
 from .config import CONFIG_NAME, RosaConfig
 from .embedding import RosaEmbedding
-from .labelled_loss import labelled_loss, sequence_mean_nll
+from .labelled_loss import check_reduction, labelled_loss, sequence_mean_nll
 from .layer import BASE_ONLY, RosaLayer, RosaLinear
 from .modules_to_save import (
     SEP,
@@ -225,8 +225,7 @@ class RosaModel(nn.Module):
         ``loss_reduction="sequence"`` (with ``loss_only``): the loss is instead averaged per sequence
         (``labelled_loss.sequence_mean_nll``, the reference's loss), on either path."""
         self._refuse_merged_under_fsdp()
-        if loss_reduction not in ("token", "sequence"):
-            raise ValueError(f"loss_reduction must be 'token' or 'sequence', got {loss_reduction!r}")
+        check_reduction(loss_reduction)
         if loss_reduction == "sequence" and not (loss_only and kwargs.get("labels") is not None):
             raise ValueError("loss_reduction='sequence' needs loss_only=True and labels")
         if loss_only and not args and adapter_names is None:

@@ -285,6 +285,8 @@ def test_missing_gguf_for_the_embedded_model(tmp_path, capsys, monkeypatch, no_m
     (["--task", "sql-synth", "--data", "x.jsonl"], "--data is for --task jsonl"),
     (["--task", "jsonl", "--data", "missing.jsonl"], "file not found: missing.jsonl"),
     (["--dtype", "float16"], "--dtype float16 is not supported for training"),
+    (["--mask-grad-steps", "0"], "mask_grad_steps"),  # the schedule is checked before the model loads
+    (["--recipe", "paper", "--warmup-steps", "-1"], "warmup_steps must be >= 0, got -1"),
 ])
 def test_train_input_errors(tmp_path, capsys, monkeypatch, no_model_load, argv, needle):
     monkeypatch.chdir(tmp_path)

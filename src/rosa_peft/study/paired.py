@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .table import in_budget
+
 N_BOOT = 2000
 BOOT_SEED = 0
 MIN_SEEDS = 2
@@ -65,14 +67,15 @@ def bootstrap_difference(a: np.ndarray, b: np.ndarray, n_boot: int = N_BOOT, see
             "per_seed": [100.0 * float(x) / n for x in d.sum(1)], "n": n, "n_boot": n_boot}
 
 
-def _same_budget(a: dict, b: dict, tolerance: float) -> bool:
+def _same_budget(a: dict, b: dict) -> bool:
     low, high = sorted((a["trainable_params"], b["trainable_params"]))
-    return high <= low * (1 + tolerance)
+    return in_budget(high, low)
 
 
-def paired_differences(records: Sequence[dict], vectors: Dict[str, List[bool]], tolerance: float = 0.02) -> List[dict]:
+def paired_differences(records: Sequence[dict], vectors: Dict[str, List[bool]]) -> List[dict]:
     """Every (RoSA entry, LoRA or SpA entry) of one task at the same budget (trainable parameters within
-    ``tolerance``) with at least :data:`MIN_SEEDS` common seeds whose reports have per-example records."""
+    ``table.BUDGET_TOLERANCE``, as the table groups them) with at least :data:`MIN_SEEDS` common seeds whose
+    reports have per-example records of equal length."""
     entries: Dict[tuple, dict] = {}
     for r in records:
         key = (r["task"], r["entry"])
@@ -83,16 +86,17 @@ def paired_differences(records: Sequence[dict], vectors: Dict[str, List[bool]], 
     for method, others in PAIRS:
         for a in (e for e in entries.values() if e["method"] == method):
             for b in entries.values():
-                if b["method"] not in others or b["task"] != a["task"] or not _same_budget(a, b, tolerance):
+                if b["method"] not in others or b["task"] != a["task"] or not _same_budget(a, b):
                     continue
                 seeds = sorted(s for s in set(a["cells"]) & set(b["cells"])
                                if a["cells"][s]["cell"] in vectors and b["cells"][s]["cell"] in vectors)
                 if len(seeds) < MIN_SEEDS:
                     continue
-                va = np.array([vectors[a["cells"][s]["cell"]] for s in seeds])
-                vb = np.array([vectors[b["cells"][s]["cell"]] for s in seeds])
-                if va.shape != vb.shape:
+                rows_a = [vectors[a["cells"][s]["cell"]] for s in seeds]
+                rows_b = [vectors[b["cells"][s]["cell"]] for s in seeds]
+                if len({len(v) for v in rows_a + rows_b}) != 1:
                     continue  # evaluated on different examples: not paired
+                va, vb = np.array(rows_a), np.array(rows_b)
                 stats = bootstrap_difference(va, vb)
                 out.append({"task": a["task"], "entry": a["entry"], "method": method, "vs_entry": b["entry"],
                             "vs_method": b["method"], "seeds": seeds, **stats,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional
 
-LOSS_AVERAGES = ("token", "sequence")
+LOSS_AVERAGES = ("token", "sequence")  # labelled_loss.REDUCTIONS (not imported: it needs torch and transformers)
 
 
 @dataclass(frozen=True)

@@ -251,8 +251,11 @@ def _build_model(opts: TrainOptions):
 
 
 def _schedule(opts: TrainOptions) -> ScheduleConfig:
+    """The run's schedule (checked when built). A warm-up the recipe has yet to scale to the run's length is
+    0 here; :func:`run_training` puts the resolved one in once the length is known."""
+    warmup = opts.warmup_steps if opts.warmup_steps is not None else 0
     return ScheduleConfig(mode=METHODS[opts.method].schedule(masks_file=bool(opts.masks)),
-                          warmup_steps=opts.warmup_steps, mask_grad_steps=opts.mask_grad_steps,
+                          warmup_steps=warmup, mask_grad_steps=opts.mask_grad_steps,
                           mask_criterion=opts.mask_criterion, mask_budget=opts.mask_budget,
                           masks_path=opts.masks, seed=opts.seed)
 
@@ -375,6 +378,7 @@ def run_training(opts: TrainOptions) -> dict:
     With ``opts.resume`` on a finished run (see :func:`finished_run`) nothing is trained or written: it
     says so and returns the stored summary with ``already_complete: True`` added."""
     task, examples = validate(opts)
+    schedule = _schedule(opts)  # checked before anything loads or is written
     out = os.path.abspath(opts.output_dir)
     main = is_main_process()
     if opts.resume:
@@ -413,11 +417,11 @@ def run_training(opts: TrainOptions) -> dict:
             **_sampling_args(opts.batch_size),
         )
         trainer = RosaTrainer(model=model, args=args, train_dataset=train_ds, data_collator=Collator(tokenizer),
-                              lora_lr=opts.lora_lr, phase_listener=metrics.phase, callbacks=[metrics],
-                              loss_average=opts.loss_average)
+                              schedule=schedule, lora_lr=opts.lora_lr, phase_listener=metrics.phase,
+                              callbacks=[metrics], loss_average=opts.loss_average)
         opts.resolve_warmups(trainer.full_run_steps())  # a recipe that scales them needs the run's length
         args.warmup_steps = opts.lr_warmup_steps
-        schedule = trainer.schedule = _schedule(opts)
+        schedule = trainer.schedule = dataclasses.replace(schedule, warmup_steps=opts.warmup_steps)
         totals = _run_totals_callback(_resume_totals(args.output_dir) if opts.resume else None)
         totals.trainer = trainer
         trainer.add_callback(totals)

@@ -141,6 +141,9 @@ class RosaTrainer(Trainer):
             if self.compute_loss_func is not None or self.label_smoother is not None:
                 raise ValueError("loss_average='sequence' cannot be combined with compute_loss_func or label "
                                  "smoothing (they define the loss themselves)")
+            if not self._default_loss_after_us():
+                raise ValueError(f"loss_average='sequence' needs transformers.Trainer's compute_loss after "
+                                 f"RosaTrainer's; {type(self).__name__} computes its own loss")
             # the model is not given num_items_in_batch, and the Trainer divides each micro-batch's loss by
             # the accumulation steps (transformers 4.46+ and 5 both decide that from this attribute)
             self.model_accepts_loss_kwargs = False
@@ -182,9 +185,6 @@ class RosaTrainer(Trainer):
                                     num_items_in_batch=num_items_in_batch)
 
     def _sequence_mean_loss(self, model, inputs, return_outputs: bool):
-        if not self._default_loss_after_us():
-            raise ValueError(f"loss_average='sequence' needs transformers.Trainer's compute_loss after RosaTrainer's; "
-                             f"{type(self).__name__} computes its own loss")
         if not return_outputs and isinstance(self.accelerator.unwrap_model(model), RosaModel):
             return model(**inputs, loss_only=True, loss_reduction="sequence").loss
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})  # full fine-tuning, or logits wanted
