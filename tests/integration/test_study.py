@@ -5,6 +5,7 @@ import os
 import re
 
 import pytest
+import torch
 import yaml
 from conftest import REPO
 
@@ -296,3 +297,69 @@ def test_shipped_full_scale_study_configs(name, task, train_limit, eval_limit):
     for method, centre in (("lora", 7e-4), ("spa", 2e-4), ("fft", 4e-5)):
         low, mid, high = sorted(swept[method])
         assert mid == centre and low == pytest.approx(centre / 3, rel=0.05) and high == pytest.approx(centre * 3, rel=0.05)
+
+
+def test_checkpointed_cell_continues_after_a_kill_and_matches_an_uninterrupted_one(tmp_path, tiny_base, monkeypatch,
+                                                                                 capsys):
+    from safetensors.torch import load_file
+
+    from rosa_peft.train import outputs
+    from rosa_peft.train import run as train_run
+
+    methods = [{"method": "rosa", "r": 2, "density": 0.05}]
+    train = {**TRAIN, "max_steps": 3, "lora_dropout": 0.0}
+    name = "sql-synth-rosa-r2-d0.05-s0"
+    plain = write_config(tmp_path / "plain.yaml", tmp_path / "plain", tiny_base, methods=methods, seeds=[0],
+                         train=train)
+    assert rosa_study(plain, "--no-progress", "--in-process") == 0
+
+    out = tmp_path / "ckpt"
+    cfg = write_config(tmp_path / "s.yaml", out, tiny_base, methods=methods, seeds=[0], train=train,
+                       checkpoint_steps=1)
+    real_on_log = outputs.MetricsWriter.on_log
+
+    def kill_after_logging_step_2(self, args, state, control, logs=None, **kw):  # checkpoint-2 is never written
+        real_on_log(self, args, state, control, logs=logs, **kw)
+        if logs and logs.get("phase") == "train" and state.global_step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.MetricsWriter, "on_log", kill_after_logging_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        rosa_study(cfg, "--no-progress", "--in-process")
+    monkeypatch.undo()
+    cell = out / "cells" / name
+    partial = out / "cells" / f"{name}.partial.json"
+    assert not (cell / "cell.json").exists() and partial.is_file()
+    assert sorted(os.listdir(cell / "checkpoints")) == ["checkpoint-1"]  # save_total_limit 1: only the newest
+    capsys.readouterr()
+    assert rosa_study(cfg, "--dry-run") == 0
+    assert f"{name}  partial (continues from checkpoints/checkpoint-1)" in capsys.readouterr().out
+
+    resumed = []
+    real = train_run.run_training
+    monkeypatch.setattr(train_run, "run_training", lambda opts: resumed.append(opts.resume) or real(opts))
+    assert rosa_study(cfg, "--no-progress", "--in-process") == 0
+    assert resumed == [True]
+    assert sorted(os.listdir(out / "cells")) == [name]  # the spec file and the checkpoints are gone once finished
+    assert not (cell / "checkpoints").exists()
+    steps = [r["step"] for r in outputs.read_metrics(str(cell / "metrics.jsonl"))
+             if r.get("event") == "log" and r.get("phase") == "train" and "loss" in r]
+    assert steps == [1, 2, 3]  # step 2, logged by the killed session, is not there twice
+
+    ref = tmp_path / "plain" / "cells" / name
+    a, b = load_file(str(ref / "adapter_model.safetensors")), load_file(str(cell / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    rec, ref_rec = (json.loads((d / "cell.json").read_text()) for d in (cell, ref))
+    assert rec["spec"] == ref_rec["spec"] and rec["eval"]["summary"] == ref_rec["eval"]["summary"]
+    assert rec["train"]["train_loss"] == pytest.approx(ref_rec["train"]["train_loss"], rel=1e-6)
+
+    # a partial cell whose stored spec is not the config's starts over instead of continuing
+    (cell / "cell.json").unlink()
+    (out / "cells" / f"{name}.partial.json").write_text(json.dumps({"seed": 99}))
+    (cell / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    resumed.clear()
+    assert rosa_study(cfg, "--no-progress", "--in-process") == 0
+    assert resumed == [False] and (cell / "cell.json").is_file()
+
+    with pytest.raises(StudyConfigError, match="checkpoint_steps: expected an integer >= 0"):
+        load_config(str(write_config(tmp_path / "b.yaml", out, tiny_base, checkpoint_steps=-1)))

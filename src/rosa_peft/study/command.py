@@ -13,7 +13,7 @@ import sys
 
 from ..options import find_config, packaged_configs
 from .config import load_config
-from .runner import cell_status, run_study
+from .runner import cell_status, resume_point, run_study
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         status = cell_status(study)
         width = max(len(c.name) for c in study.cells)
         for cell in study.cells:
-            print(f"{cell.name.ljust(width)}  {status[cell.name]}")
+            point = resume_point(study, cell) if status[cell.name] == "partial" else None
+            print(f"{cell.name.ljust(width)}  {status[cell.name]}" + (f" (continues from {point})" if point else ""))
         n_done = sum(s == "done" for s in status.values())
         print(f"{len(study.cells)} cells: {n_done} finished, {len(study.cells) - n_done} to run "
               f"(output_dir {study.output_dir})")

@@ -17,13 +17,14 @@ from ..train.methods import METHODS
 from ..train.run import TrainOptions
 from ..utils.checks import is_int, is_real
 
-TOP_KEYS = ("output_dir", "model", "data_dir", "tasks", "methods", "seeds", "train", "eval", "task_overrides")
+TOP_KEYS = ("output_dir", "model", "data_dir", "tasks", "methods", "seeds", "train", "eval", "task_overrides",
+            "checkpoint_steps")
 ENTRY_KEYS = ("method", "r", "density", "budget", "rosa_lora_fraction", "name", "seeds", "train")
 EVAL_KEYS = ("limit", "batch_size", "max_new_tokens", "split", "dtype", "merge")
 EVAL_DTYPES = ("float32", "bfloat16")  # the dtype the trained cell is loaded in for evaluation (default float32)
 # TrainOptions fields that the study itself sets per cell (not settable under `train:`)
 STUDY_OWNED = ("model", "task", "data_dir", "method", "r", "density", "budget", "output_dir", "seed", "resume",
-               "progress", "extra", "save_steps", "rosa_lora_fraction")
+               "progress", "extra", "save_steps", "save_total_limit", "rosa_lora_fraction")
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainOptions) if f.name not in STUDY_OWNED)
 _TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainOptions)}
 
@@ -52,12 +53,14 @@ class Cell:
         """What defines the cell's result: a finished cell whose stored spec differs is not reused."""
         return dataclasses.asdict(self)
 
-    def train_options(self, study: "StudyConfig", output_dir: str, progress: bool = False) -> TrainOptions:
-        """The cell's ``TrainOptions``: config ``train:`` + task overrides + the cell's method and seed."""
+    def train_options(self, study: "StudyConfig", output_dir: str, progress: bool = False,
+                      resume: bool = False) -> TrainOptions:
+        """The cell's ``TrainOptions``: config ``train:`` + task overrides + the cell's method and seed, with
+        the study's ``checkpoint_steps`` as ``save_steps``; ``resume`` continues from the last checkpoint."""
         values = dict(self.train)
         values.update(model=study.model, task=self.task, data_dir=study.data_dir, method=self.method, r=self.r,
                       density=self.density, budget=self.budget, seed=self.seed, output_dir=output_dir,
-                      progress=progress)
+                      progress=progress, save_steps=study.checkpoint_steps, save_total_limit=1, resume=resume)
         if self.rosa_lora_fraction is not None:
             values["rosa_lora_fraction"] = self.rosa_lora_fraction
         return TrainOptions(**values)
@@ -73,6 +76,9 @@ class StudyConfig:
     entries: List[dict]
     seeds: List[int]
     cells: List[Cell]
+    # checkpoint every N optimizer steps; an interrupted cell then resumes from its last checkpoint (0: never,
+    # an interrupted cell is redone). Not part of a cell's spec: resuming reproduces the uninterrupted run.
+    checkpoint_steps: int = 0
 
 
 _is_int, _is_num = is_int, is_real
@@ -224,6 +230,9 @@ def _expand(path: str, cfg: dict, output_dir: Optional[str], protocol_tasks) -> 
     if dup:
         raise StudyConfigError(f"methods: entries {', '.join(dup)} would share a directory (give them a name:)")
     seeds = _check_seeds("seeds", cfg.get("seeds", [0]))
+    checkpoint_steps = cfg.get("checkpoint_steps", 0)
+    if not _is_int(checkpoint_steps) or checkpoint_steps < 0:
+        raise StudyConfigError(f"checkpoint_steps: expected an integer >= 0, got {checkpoint_steps!r}")
     train = _check_train("train", cfg.get("train"))
     ev = _check_eval("eval", cfg.get("eval"))
     overrides = _check_mapping("task_overrides", cfg.get("task_overrides"), tasks)
@@ -245,4 +254,4 @@ def _expand(path: str, cfg: dict, output_dir: Optional[str], protocol_tasks) -> 
     out = output_dir or cfg.get("output_dir") or "results"
     return StudyConfig(path=path, output_dir=os.path.abspath(os.path.expanduser(out)), model=cfg.get("model"),
                        data_dir=cfg.get("data_dir"), tasks=list(tasks), entries=entries, seeds=list(seeds),
-                       cells=cells)
+                       cells=cells, checkpoint_steps=checkpoint_steps)

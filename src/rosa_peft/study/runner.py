@@ -2,7 +2,10 @@
 
 A cell directory ``OUTPUT_DIR/cells/NAME`` holds what ``rosa train`` writes, the ``rosa eval`` report
 ``eval-TASK-SPLIT.json`` and, written atomically last, ``cell.json``. A cell is finished exactly when
-``cell.json`` exists; a directory without it is a leftover of an interrupted cell and is redone.
+``cell.json`` exists; a directory without it is a leftover of an interrupted cell. It is redone, unless
+the config sets ``checkpoint_steps``: then the cell's spec is kept beside it in ``cells/NAME.partial.json``
+while it runs, and an interrupted cell with the same spec and a checkpoint (or finished training) continues
+from there (``rosa train --resume``).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ log = logging.getLogger("rosa_peft.study")
 
 CELL_FORMAT = "rosa-study-cell/1"
 CELL_FILE = "cell.json"
+PARTIAL_SUFFIX = ".partial.json"  # cells/NAME.partial.json: the spec of a cell in progress (with checkpoint_steps)
 STRUCTURE_FILE = "mask_structure.json"
 TRAIN_KEYS = ("r", "density", "trainable_params", "train_examples", "train_loss", "global_steps", "train_time_s",
               "peak_rss_mb")
@@ -100,14 +104,50 @@ def _load_trained(study: StudyConfig, cell: Cell, directory: str):
     return model, tokenizer, {"model": directory, "adapter": None, "merged": False, "dtype": dtype}
 
 
-def run_cell(study: StudyConfig, cell: Cell, progress: bool = False) -> dict:
-    """Train and evaluate one cell into its directory; returns the ``cell.json`` record."""
+def _partial_path(study: StudyConfig, cell: Cell) -> str:
+    return cell_dir(study, cell) + PARTIAL_SUFFIX
+
+
+def resume_point(study: StudyConfig, cell: Cell) -> Optional[str]:
+    """What an unfinished cell continues from: its last checkpoint, or ``run_config.json`` when only its
+    evaluation is missing. None (the cell starts over) without ``checkpoint_steps``, without a stored
+    spec equal to the cell's, or with nothing to continue from."""
     directory = cell_dir(study, cell)
-    if os.path.exists(directory):
-        log.info("study: removing unfinished cell %s", directory)
-        shutil.rmtree(directory)
+    partial = _partial_path(study, cell)
+    if study.checkpoint_steps <= 0 or not os.path.isdir(directory) or not os.path.isfile(partial):
+        return None
     try:
-        summary = train_run.run_training(cell.train_options(study, directory, progress=progress))
+        if read_json_object(partial) != _jsonable(cell.spec()):
+            return None
+    except (OSError, ValueError):
+        return None
+    if os.path.isfile(os.path.join(directory, train_run.RUN_CONFIG)):
+        return train_run.RUN_CONFIG
+    ckpt = train_run.last_checkpoint(directory)
+    return os.path.relpath(ckpt, directory) if ckpt else None
+
+
+def run_cell(study: StudyConfig, cell: Cell, progress: bool = False) -> dict:
+    """Train and evaluate one cell into its directory; returns the ``cell.json`` record.
+
+    Without ``checkpoint_steps`` an unfinished directory is removed first and a failed cell removes its
+    directory. With it, the cell resumes where :func:`resume_point` says, and a failed or interrupted
+    cell keeps its directory for the next run to continue."""
+    directory = cell_dir(study, cell)
+    keep = study.checkpoint_steps > 0
+    point = resume_point(study, cell)
+    if point is not None:
+        print(f"study: cell {cell.name} continues from {point}", flush=True)
+    else:
+        if os.path.exists(directory):
+            log.info("study: removing unfinished cell %s", directory)
+            shutil.rmtree(directory)
+        if keep:
+            os.makedirs(os.path.dirname(directory), exist_ok=True)
+            atomic_write_text(_partial_path(study, cell), json.dumps(_jsonable(cell.spec())) + "\n")
+    try:
+        opts = cell.train_options(study, directory, progress=progress, resume=point is not None)
+        summary = train_run.run_training(opts)
         gc.collect()
         model, tokenizer, info = _load_trained(study, cell, directory)
         ev = cell.eval
@@ -129,9 +169,13 @@ def run_cell(study: StudyConfig, cell: Cell, progress: bool = False) -> dict:
         if masks_summary is not None:
             record["masks"] = masks_summary
         atomic_write_text(os.path.join(directory, CELL_FILE), json.dumps(_jsonable(record), indent=2) + "\n")
+        if keep:  # finished: the checkpoint (for fft a full model and its AdamW state) is of no further use
+            shutil.rmtree(os.path.join(directory, train_run.CHECKPOINTS_DIR), ignore_errors=True)
+            os.remove(_partial_path(study, cell))
         return record
     except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)  # an unfinished cell leaves nothing to mistake for a result
+        if not keep:  # an unfinished cell leaves nothing to mistake for a result (it has no cell.json either way)
+            shutil.rmtree(directory, ignore_errors=True)
         raise
 
 
@@ -151,7 +195,8 @@ def run_cell_isolated(study: StudyConfig, cell: Cell) -> None:
     cmd = [sys.executable, "-m", "rosa_peft.study.cell", study.path, cell.name, "--output-dir", study.output_dir]
     rc = subprocess.call(cmd)
     if rc != 0 or not os.path.isfile(os.path.join(cell_dir(study, cell), CELL_FILE)):
-        shutil.rmtree(cell_dir(study, cell), ignore_errors=True)
+        if study.checkpoint_steps <= 0:
+            shutil.rmtree(cell_dir(study, cell), ignore_errors=True)
         raise RuntimeError(f"study: cell {cell.name} failed (exit status {rc}); its output is above")
 
 

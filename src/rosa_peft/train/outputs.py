@@ -15,7 +15,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
-from ..utils.io import read_jsonl
+from ..utils.io import atomic_write_text, read_jsonl
 from ..utils.plots import close_png, pyplot_or_none
 
 
@@ -31,6 +31,20 @@ class MetricsWriter(TrainerCallback):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if not append:
             open(path, "w", encoding="utf-8").close()
+
+    def resume_at(self, step: int) -> int:
+        """Forget the training-phase log records after optimizer step ``step``, the checkpoint a resumed
+        run restarts from: the killed session logged them, the resumed one logs them again. Phase events
+        and the warm-up's records stay. Returns how many records were dropped."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return 0
+        records = read_metrics(self.path)
+        kept = [r for r in records
+                if not (r.get("event") == "log" and r.get("phase", "train") == "train"
+                        and isinstance(r.get("step"), int) and r["step"] > step)]
+        if len(kept) != len(records):
+            atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+        return len(records) - len(kept)
 
     def _write(self, record: dict) -> None:
         if not self.enabled:

@@ -141,6 +141,7 @@ class TrainOptions:
     bf16: bool = _opt(False, "bf16 autocast (mixed precision)", group=_HW)
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward: less memory, slower", group=_HW)
     save_steps: int = _opt(0, "checkpoint every N steps (0: never)", group=_RUN)
+    save_total_limit: int = _opt(0, "keep only the newest N checkpoints (0: all)", group=_RUN)
     resume: bool = _opt(False, "continue from the last checkpoint in --output-dir", group=_RUN)
     quantize: str = _opt("none", "nf4: 4-bit NF4 base model (QRoSA)", group=_HW, choices=QUANTIZE)
     quant_backend: str = _opt("torchao", "package doing --quantize: torchao (extra [quant]) or bitsandbytes "
@@ -175,7 +176,8 @@ class TrainOptions:
                 continue  # filled from the recipe
             if value not in choices:
                 raise ValueError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of {', '.join(choices)}")
-        for name in ("lr", "lora_lr", "max_grad_norm", "lr_warmup_steps", "warmup_steps"):
+        for name in ("lr", "lora_lr", "max_grad_norm", "lr_warmup_steps", "warmup_steps", "save_steps",
+                     "save_total_limit"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -261,6 +263,7 @@ def _schedule(opts: TrainOptions) -> ScheduleConfig:
 
 
 RUN_CONFIG = "run_config.json"
+CHECKPOINTS_DIR = "checkpoints"  # under the run directory: HF Trainer's checkpoint-N folders
 TOTALS_FILE = "rosa_run_totals.json"  # in each checkpoint: loss sum and time of the whole run up to it
 # the options that fix an epoch-based run's length (compared with a finished run's when --max-steps is not given)
 _LENGTH_KEYS = ("task", "data", "data_dir", "train_split", "limit", "epochs", "max_steps", "batch_size",
@@ -313,9 +316,20 @@ def _sampling_args(batch_size: int) -> dict:
     return {"group_by_length": True}
 
 
-def _resume_totals(checkpoints_dir: str) -> Optional[dict]:
+def last_checkpoint(run_dir: str) -> Optional[str]:
+    """The checkpoint ``--resume`` in ``run_dir`` starts from (the ``checkpoints/checkpoint-N`` with the
+    largest N); None if there is none."""
+    d = os.path.join(run_dir, CHECKPOINTS_DIR)
+    return get_last_checkpoint(d) if os.path.isdir(d) else None
+
+
+def _checkpoint_step(ckpt: str) -> int:
+    return int(os.path.basename(ckpt).rsplit("-", 1)[1])
+
+
+def _resume_totals(run_dir: str) -> Optional[dict]:
     """The whole-run totals saved in the checkpoint a resume starts from; None if there are none."""
-    ckpt = get_last_checkpoint(checkpoints_dir) if os.path.isdir(checkpoints_dir) else None
+    ckpt = last_checkpoint(run_dir)
     if ckpt is None or not os.path.isfile(os.path.join(ckpt, TOTALS_FILE)):
         return None
     try:
@@ -404,13 +418,17 @@ def run_training(opts: TrainOptions) -> dict:
             log.info("removed %s, a temporary file left by a killed earlier run", path)
     try:
         metrics = MetricsWriter(os.path.join(out, "metrics.jsonl"), append=opts.resume, enabled=main)
+        resume_ckpt = last_checkpoint(out) if opts.resume else None
+        if resume_ckpt is not None:
+            metrics.resume_at(_checkpoint_step(resume_ckpt))
         args = TrainingArguments(
-            output_dir=os.path.join(out, "checkpoints"), per_device_train_batch_size=opts.batch_size,
+            output_dir=os.path.join(out, CHECKPOINTS_DIR), per_device_train_batch_size=opts.batch_size,
             gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr, num_train_epochs=opts.epochs,
             max_steps=opts.max_steps, warmup_steps=opts.lr_warmup_steps or 0, lr_scheduler_type="linear",
             max_grad_norm=opts.max_grad_norm,
             weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, logging_steps=opts.logging_steps,
             save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500,
+            save_total_limit=opts.save_total_limit or None,
             seed=opts.seed, data_seed=opts.seed, bf16=opts.bf16, use_cpu=not torch.cuda.is_available(),
             report_to=[], disable_tqdm=not opts.progress, remove_unused_columns=False,
             dataloader_num_workers=0, **_checkpointing_args(opts.gradient_checkpointing),
@@ -422,7 +440,7 @@ def run_training(opts: TrainOptions) -> dict:
         opts.resolve_warmups(trainer.full_run_steps())  # a recipe that scales them needs the run's length
         args.warmup_steps = opts.lr_warmup_steps
         schedule = trainer.schedule = dataclasses.replace(schedule, warmup_steps=opts.warmup_steps)
-        totals = _run_totals_callback(_resume_totals(args.output_dir) if opts.resume else None)
+        totals = _run_totals_callback(_resume_totals(out) if opts.resume else None)
         totals.trainer = trainer
         trainer.add_callback(totals)
         totals.t0 = time.time()

@@ -1,4 +1,5 @@
-"""rosa train's outputs: the loss plot is skipped with one line on stderr when matplotlib is missing."""
+"""rosa train's outputs: the loss plot is skipped with one line on stderr when matplotlib is missing; a resumed
+run's metrics.jsonl forgets the records after its checkpoint."""
 import json
 import os
 
@@ -37,3 +38,22 @@ def test_loss_plot_and_bench_plot_go_through_the_one_png_writer(tmp_path, monkey
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"Software" not in data  # byte-stable: no version stamp
     assert sorted(os.listdir(tmp_path)) == ["bench.png", "loss.png", "metrics.jsonl"]  # no temporary file left
+
+
+def test_resume_at_drops_only_the_train_logs_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = ([{"event": "phase", "phase": "warmup"}]
+               + [{"event": "log", "step": s, "loss": 1.0, "phase": "warmup"} for s in (1, 2, 3)]
+               + [{"event": "phase", "phase": "train"}]
+               + [{"event": "log", "step": s, "loss": 1.0 / s, "phase": "train"} for s in (1, 2, 3)]
+               + [{"event": "log", "step": 3, "train_runtime": 9.0}])  # HF's end-of-train record has no phase
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    writer = outputs.MetricsWriter(str(path), append=True)
+    assert writer.resume_at(1) == 3
+    kept = outputs.read_metrics(str(path))
+    assert kept == records[:6]  # the warm-up's steps 2 and 3 are not the restarted run's
+    assert writer.resume_at(1) == 0 and outputs.read_metrics(str(path)) == kept
+    writer.phase("train", {"resumed_from": "checkpoint-1"})
+    assert outputs.read_metrics(str(path))[-1]["resumed_from"] == "checkpoint-1"
+    assert not [n for n in os.listdir(tmp_path) if n != "metrics.jsonl"]  # rewritten in place, no temporary left
+    assert outputs.MetricsWriter(str(tmp_path / "none.jsonl"), enabled=False).resume_at(0) == 0
