@@ -4,7 +4,11 @@
 process and times, interleaved round by round on the same micro-batches of the task:
 
 * ``warmup_step``: forward + backward of one micro-batch in the LoRA-only warm-up phase;
-* ``score``: :func:`rosa_peft.masks.compute_masks` (fisher) per micro-batch, selection included;
+* ``score``: :func:`rosa_peft.masks.compute_masks` (fisher) per micro-batch: its forward + backward with
+  the weight gradients folded into the Fisher accumulators;
+* ``select``: the top-k selection from the accumulated scores, once per ``compute_masks`` call (a fixed
+  cost of a run, not of a micro-batch: dividing it by this bench's 2 to 16 micro-batches would make
+  the per-micro-batch ratio depend on how many examples the bench happens to use);
 * ``train_step``: forward + backward of one micro-batch in the main phase (LoRA + sparse, masks set).
 
 Variants: ``before`` (float32 base, batch 1, the code as issue #14 found it, emulated in this process:
@@ -16,7 +20,7 @@ mask of :func:`rosa_peft.function.dropout_keep_mask`, the output head only at la
 ``rosa train --batch-size 8`` groups them). Timings of a shared machine are noisy: compare the ratios
 of one report; the per-variant value is the minimum (``stat="min"``, robust to other processes' bursts)
 or the median over every timed micro-batch of every round. The projection of one ``rosa train`` run
-is warm-up micro-batches + scoring micro-batches + one epoch of main-phase micro-batches, per example.
+is warm-up micro-batches + scoring micro-batches + one selection + one epoch of main-phase micro-batches.
 The optimizer step (once per ``grad_accum`` micro-batches) and the data loader are not included.
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .. import model as model_module
 from ..config import RosaConfig
 from ..masks import compute as masks
 from ..masks import compute_masks
+from ..masks import select
 from ..model import get_rosa_model
 from ..tasks import Collator, build_dataset, get_task
 from ..utils.model_loading import load_model
@@ -91,6 +96,30 @@ def _scoring_like(freeze: bool):
         masks._scoring_state = original
 
 
+@contextlib.contextmanager
+def _timed_selection(seconds: List[float]):
+    """Adds the wall time spent in ``Selector.add`` / ``Selector.result`` (the selection part of
+    ``compute_masks``) to ``seconds[0]`` while the block runs."""
+    originals = {name: getattr(select.Selector, name) for name in ("add", "result")}
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[0] += time.perf_counter() - t
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(select.Selector, name, timed(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(select.Selector, name, fn)
+
+
 def _step(model, batch) -> float:
     model.train()
     t = time.perf_counter()
@@ -138,8 +167,8 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
             built[name] = {"warm": models[0], "train": models[1], "batches": batches, "examples": len(feats),
                            "tokens": sum(len(f["input_ids"]) for f in feats),
                            "padded_tokens": sum(int(b["input_ids"].numel()) for b in batches)}
-        times: Dict[str, Dict[str, List[float]]] = {n: {"warmup_step": [], "score": [], "train_step": []}
-                                                    for n in variants}
+        times: Dict[str, Dict[str, List[float]]] = {n: {"warmup_step": [], "score": [], "select": [],
+                                                        "train_step": []} for n in variants}
         for rnd in range(rounds):
             for name in variants:
                 b = built[name]
@@ -148,10 +177,14 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
                         _step(b["warm"], b["batches"][0])  # first-call allocations / kernel selection
                     for batch in b["batches"]:
                         times[name]["warmup_step"].append(_step(b["warm"], batch))
+                    selecting = [0.0]
                     t = time.perf_counter()
-                    masks = compute_masks(b["warm"], b["batches"], criterion="fisher", seed=seed,
-                                          progress=progress)
-                    times[name]["score"].append((time.perf_counter() - t) / len(b["batches"]))
+                    with _timed_selection(selecting):
+                        masks = compute_masks(b["warm"], b["batches"], criterion="fisher", seed=seed,
+                                              progress=progress)
+                    total = time.perf_counter() - t
+                    times[name]["score"].append((total - selecting[0]) / len(b["batches"]))
+                    times[name]["select"].append(selecting[0])
                     if rnd == 0:
                         b["train"].set_masks(masks)
                         _step(b["train"], b["batches"][0])
@@ -167,7 +200,7 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
             # grad_accum: examples per optimizer step (rosa train's default: batch 1 x 32 micro-batches);
             # mask_grad_steps=1 scores one optimizer step's examples
             run_s = (warmup_steps * grad_accum * per_example["warmup_step"] + grad_accum * per_example["score"]
-                     + epoch_examples * per_example["train_step"])
+                     + med["select"] + epoch_examples * per_example["train_step"])
             rows.append({
                 "variant": name, **VARIANTS[name], "threads": threads, "task": task,
                 "examples": b["examples"], "mean_tokens": round(b["tokens"] / b["examples"], 1),
@@ -175,6 +208,7 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
                 "s_per_example_warmup": round(per_example["warmup_step"], 4),
                 "s_per_example_train": round(per_example["train_step"], 4),
                 "score_s_per_microbatch": round(med["score"], 4),
+                "select_s": round(med["select"], 3),
                 "score_over_warmup_step": round(med["score"] / med["warmup_step"], 3),
                 "score_over_train_step": round(med["score"] / med["train_step"], 3),
                 "epoch_train_min": round(epoch_examples * per_example["train_step"] / 60, 1),

@@ -73,3 +73,22 @@ def test_before_code_emulation_is_scoped_and_restores_the_current_code():
         assert function.dropout_keep_mask is current
         model.eval()
         torch.testing.assert_close(model(**batch, loss_only=True).loss, model(**batch).loss)
+
+
+def test_selection_is_timed_apart_from_scoring_and_the_selector_is_restored():
+    """The bench reports selection once per compute_masks call, apart from the per-micro-batch scoring:
+    timing it leaves the masks as they are and puts Selector's methods back."""
+    from rosa_peft.bench.train_speed import _timed_selection
+    from rosa_peft.masks import select
+
+    model = get_rosa_model(make_tiny_llama(), RosaConfig(r=2, density=0.05, target_modules="all-linear"))
+    batches = _batches()
+    plain = compute_masks(model, batches, seed=1, progress=False)
+    originals = (select.Selector.add, select.Selector.result)
+    seconds = [0.0]
+    with _timed_selection(seconds):
+        assert select.Selector.add is not originals[0]
+        timed = compute_masks(model, batches, seed=1, progress=False)
+    assert (select.Selector.add, select.Selector.result) == originals
+    assert seconds[0] > 0
+    assert list(plain) == list(timed) and all(torch.equal(plain[n], timed[n]) for n in plain)
