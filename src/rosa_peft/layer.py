@@ -264,6 +264,14 @@ class RosaLayer(nn.Module):
         """Switch how ``W + S`` of one adapter reaches the GEMMs (``merged`` / ``sp_add`` / ``spmm``, as
         ``RosaConfig.impl``); same outputs, the base weight holds plain W0 afterwards until the next forward.
         Before sharding a model with FSDP2, switch to ``sp_add`` (``RosaModel.set_impl``)."""
+        impl = self.resolve_impl(adapter_name, impl)
+        self._restore_base()
+        self.impl[adapter_name] = impl
+        self._refresh_w0()
+
+    def resolve_impl(self, adapter_name: str, impl: str) -> str:
+        """The implementation :meth:`set_impl` would install (``auto`` resolved); raises, naming this layer,
+        if this layer cannot take it. Changes nothing."""
         if adapter_name not in self.rosa_spa:
             raise ValueError(f"{self.module_name}: no adapter named {adapter_name!r}")
         self._check_not_merged(adapter_name, "change the implementation of")
@@ -275,9 +283,7 @@ class RosaLayer(nn.Module):
             raise ValueError(f"{self.module_name}: impl='spmm' needs a 4-bit base with its own matmul")
         if impl == "merged" and (not self.kind.supports_merged or self.tied):
             raise ValueError(f"{self.module_name}: impl='merged' cannot edit this base weight in place; use 'sp_add'")
-        self._restore_base()
-        self.impl[adapter_name] = impl
-        self._refresh_w0()
+        return impl
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; a merged one is unmerged first (the others merged stay merged)."""

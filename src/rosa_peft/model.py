@@ -314,15 +314,18 @@ class RosaModel(nn.Module):
     def set_impl(self, impl: str, adapter_name: Optional[str] = None) -> None:
         """Switch every layer of an adapter (default: the active ones) to ``impl`` (``RosaConfig.impl``:
         ``auto`` / ``merged`` / ``sp_add`` / ``spmm``); outputs are unchanged. Call ``set_impl("sp_add")``
-        before sharding with FSDP2 (``fully_shard``): ``merged`` edits the base weight, which FSDP shards."""
+        before sharding with FSDP2 (``fully_shard``): ``merged`` edits the base weight, which FSDP shards.
+        All or nothing: if one layer cannot take ``impl`` (e.g. ``merged`` on a tied or 4-bit weight), the
+        error names it and no layer is switched."""
         names = list(self._active) if adapter_name is None else [adapter_name]
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"unknown adapter {name!r}; have {sorted(self.peft_config)}")
-        for _, layer in self.rosa_layers():
-            for name in names:
-                if name in layer.rosa_spa:
-                    layer.set_impl(name, impl)
+        # every layer is checked before any changes: a layer that cannot take impl leaves the model as it was
+        plan = [(layer, name, layer.resolve_impl(name, impl))
+                for _, layer in self.rosa_layers() for name in names if name in layer.rosa_spa]
+        for layer, name, resolved in plan:
+            layer.set_impl(name, resolved)
         for name in names:
             self.peft_config[name].impl = impl
 

@@ -2,6 +2,8 @@
 import copy
 import os
 
+import re
+
 import pytest
 import torch
 
@@ -239,3 +241,20 @@ def test_set_impl_switches_without_changing_outputs():
         assert torch.allclose(model(input_ids=ids).logits, merged, atol=1e-6)
     with pytest.raises(ValueError, match="impl must be"):
         model.set_impl("dense")
+
+
+def test_set_impl_is_all_or_nothing():
+    """A layer that cannot take the implementation fails the call before any layer is switched."""
+    model = get_rosa_model(make_tiny_llama(), RosaConfig(r=2, density=0.05))
+    g = torch.Generator().manual_seed(2)
+    model.set_masks({n: torch.rand(l.out_features, l.in_features, generator=g) < 0.05 for n, l in model.rosa_layers()})
+    model.set_impl("sp_add")
+    names = [n for n, _ in model.rosa_layers()]
+    dict(model.rosa_layers())[names[-1]].tied = True  # as if its weight were shared: it cannot be merged into
+    with pytest.raises(ValueError, match=re.escape(names[-1]) + ".*cannot edit this base weight"):
+        model.set_impl("merged")
+    assert {layer.impl["default"] for _, layer in model.rosa_layers()} == {"sp_add"}
+    assert model.peft_config["default"].impl == "sp_add"
+    model.set_impl("auto")  # auto resolves per layer: the tied one stays sp_add
+    impls = {n: layer.impl["default"] for n, layer in model.rosa_layers()}
+    assert impls[names[-1]] == "sp_add" and {impls[n] for n in names[:-1]} == {"merged"}
