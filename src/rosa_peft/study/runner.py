@@ -13,6 +13,7 @@ import fnmatch
 import gc
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from ..masks import load_masks
 from ..train import run as train_run  # train_run.run_training, so that tests can stand in for it
 from ..train.methods import METHODS
 from ..train.trainer import MASKS_FILE
+from ..utils.checks import UserError
 from ..utils.io import atomic_write_text, read_json_object
 from . import figures
 from .config import Cell, StudyConfig, StudyConfigError
@@ -53,8 +55,23 @@ def cell_dir(study: StudyConfig, cell: Cell) -> str:
 def read_cell(path: str) -> dict:
     data = read_json_object(path)
     if data.get("format") != CELL_FORMAT:
-        raise ValueError(f"{path}: not a study cell record (expected 'format': '{CELL_FORMAT}')")
+        raise UserError(f"{path}: not a study cell record (expected 'format': '{CELL_FORMAT}')")
+    bad = _non_finite(data)
+    if bad is not None:  # the tables would average it silently and results.json would not be JSON
+        raise UserError(f"{path}: {bad} is not a finite number")
     return data
+
+
+def _non_finite(value, where: str = "") -> Optional[str]:
+    """The key path of the first NaN / infinite number in a parsed JSON value, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "the record"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def cell_status(study: StudyConfig) -> Dict[str, str]:

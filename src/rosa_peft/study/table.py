@@ -75,7 +75,7 @@ def render_json(records: Sequence[dict], paired: Sequence[dict] = ()) -> str:
     doc = {"format": RESULTS_FORMAT, "cells": cells, "aggregate": aggregate(records)}
     if paired:
         doc["paired"] = list(paired)
-    return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+    return json.dumps(doc, indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
 def _density(d) -> str:
