@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from ..tasks import TASKS, Task
 from ..train.methods import METHODS, label_of
@@ -143,17 +143,28 @@ def budget_order(rows: Sequence[dict]) -> List[dict]:
     return sorted(rows, key=key)
 
 
-def _paired_lines(paired: Sequence[dict]) -> List[str]:
-    """The paired-differences section (``study.paired``): one line per compared pair of entries."""
+def _metric_title(task: str, metric: str, primary: Optional[str]) -> str:
+    """The table title of a compared metric, without its unit: "accuracy" (the primary metric) under the
+    title of the column that shows the primary metric (SQL: execution), else under its name."""
+    titles = {key: title for title, key in task_columns(task)}
+    key = primary if metric == "accuracy" and metric not in titles and primary else metric
+    return titles.get(key, key).replace(" (%)", "")
+
+
+def _paired_lines(paired: Sequence[dict], primary: Dict[str, str]) -> List[str]:
+    """The paired-differences section (``study.paired``): one line per compared pair of entries and metric."""
     out = ["", "## Paired differences", "",
-           "Mean over the common seeds of the difference in the primary metric (percentage points), a 95 % "
-           "bootstrap interval over the evaluation examples (the same resample for every seed and both methods), "
-           "and each seed's difference. Separated: the interval excludes 0.", "",
-           _line(["Task", "Method", "vs", "Seeds", "Difference (pp)", "95% CI (pp)", "Per seed (pp)", "Separated"]),
-           "|---|---|---|---|---:|---:|---:|---|"]
+           "Mean over the common seeds of the difference in each compared metric (percentage points; the "
+           "task's primary metric first), a 95 % bootstrap interval over the evaluation examples (the same "
+           "resample for every seed and both methods), and each seed's difference. Separated: the interval "
+           "excludes 0.", "",
+           _line(["Task", "Metric", "Method", "vs", "Seeds", "Difference (pp)", "95% CI (pp)", "Per seed (pp)",
+                  "Separated"]),
+           "|---|---|---|---|---|---:|---:|---:|---|"]
     for p in paired:
         out.append(_line([
-            p["task"], f"{label_of(p['method'])} ({p['entry']})", f"{label_of(p['vs_method'])} ({p['vs_entry']})",
+            p["task"], _metric_title(p["task"], p.get("metric", "accuracy"), primary.get(p["task"])),
+            f"{label_of(p['method'])} ({p['entry']})", f"{label_of(p['vs_method'])} ({p['vs_entry']})",
             ",".join(map(str, p["seeds"])), f"{p['diff']:+.1f}", f"[{p['ci'][0]:+.1f}, {p['ci'][1]:+.1f}]",
             " / ".join(f"{d:+.1f}" for d in p["per_seed"]), "yes" if p["separated"] else "no"]))
     return out
@@ -179,7 +190,8 @@ def render_markdown(records: Sequence[dict], paired: Sequence[dict] = ()) -> str
                 *[_stat(row[key], _FMT[key]) for _, key in columns],
                 *[_stat(row[key], _FMT[key]) for key in ("train_loss", "train_time_s", "peak_rss_mb")]]))
     if paired:
-        out += _paired_lines(paired)
+        primary = {r["task"]: r["eval"]["summary"].get("primary_metric") for r in records}
+        out += _paired_lines(paired, primary)
     out += ["", "## Cells", "", _line(["Cell", "Seed", "Accuracy (%)", "n", "Train loss", "Steps", "Train time (s)",
                                       "Eval time (s)", "Peak RSS (MB)", "Record"]),
             "|" + "|".join(["---"] * 2 + ["---:"] * 7 + ["---"]) + "|"]

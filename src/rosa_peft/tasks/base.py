@@ -37,7 +37,10 @@ class Task:
     task (None: the task can be trained on, not evaluated). ``needs_path`` marks a task built from a
     file the user names (``path=``, ``eval_path=``, ``prompt_field=``, ``response_field=``: the
     ``--data``, ``--prompt-field`` and ``--response-field`` flags), not from the data dir.
-    ``table_columns`` are the ``(column title, summary key)`` pairs a results table shows for the task.
+    ``table_columns`` are the ``(column title, summary key)`` pairs a results table shows for the task;
+    ``paired_fields`` the ``(summary key, per-example record field)`` pairs whose per-example values a
+    study compares between methods (paired differences with bootstrap intervals); the first is the
+    protocol's primary metric.
     """
 
     name: str = ""
@@ -48,6 +51,7 @@ class Task:
     protocol: ClassVar[Optional[Type[EvalProtocol]]] = None
     needs_path: ClassVar[bool] = False
     table_columns: ClassVar[Tuple[Tuple[str, str], ...]] = (("Accuracy (%)", "accuracy"),)
+    paired_fields: ClassVar[Tuple[Tuple[str, str], ...]] = (("accuracy", "correct"),)
 
     def load(self, split: Optional[str] = None, limit: Optional[int] = None) -> List[Example]:
         """The examples of ``split`` (default: the train split), in file order; ``limit`` keeps the first N."""

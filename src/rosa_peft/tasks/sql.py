@@ -147,6 +147,7 @@ class SQLTask(FileTask):
     protocol = SQLProtocol
     # the test split's gold queries are lower-cased, so exact match is compared without case
     table_columns = (("Exact match, no case (%)", "exact_nocase"), ("Execution acc. (%)", "execution"))
+    paired_fields = (("accuracy", "correct"), ("exact_nocase", "exact_nocase"))
 
     def convert(self, record: dict, source: str, lineno: int, split: str) -> Example:
         if split == "test":

@@ -117,6 +117,8 @@ class ViGGOTask(FileTask):
     hf_id = "GEM/viggo"
     protocol = ViGGOProtocol
     table_columns = (("Exact match (%)", "accuracy"), ("Slot F1 (%)", "slot_f1"))
+    # a small model rarely gets a whole meaning representation right: slot F1 is the graded comparison
+    paired_fields = (("accuracy", "correct"), ("slot_f1", "slot_f1"))
 
     def convert(self, record: dict, source: str, lineno: int, split: str) -> Example:
         target = get_field(record, "target", source, lineno)
