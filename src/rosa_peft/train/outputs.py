@@ -43,16 +43,15 @@ class MetricsWriter(TrainerCallback):
                 if not (r.get("event") == "log" and r.get("phase", "train") == "train"
                         and isinstance(r.get("step"), int) and r["step"] > step)]
         if len(kept) != len(records):
-            atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+            atomic_write_text(self.path, "".join(map(_jsonl_line, kept)))
         return len(records) - len(kept)
 
     def _write(self, record: dict) -> None:
         if not self.enabled:
             return
         record = {"time_s": round(time.time() - self.t0, 3), **record}
-        line = json.dumps(strict_json(record), allow_nan=False)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+            fh.write(_jsonl_line(record))
 
     def phase(self, phase: str, info: dict) -> None:
         self._write({"event": "phase", "phase": phase, **{k: str(v) for k, v in info.items()}})
@@ -60,6 +59,11 @@ class MetricsWriter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
             self._write({"event": "log", "step": state.global_step, **logs})
+
+
+def _jsonl_line(record: dict) -> str:
+    """One line of ``metrics.jsonl``: strict JSON (non-finite numbers as null)."""
+    return json.dumps(strict_json(record), allow_nan=False) + "\n"
 
 
 def strict_json(value):

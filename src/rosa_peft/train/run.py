@@ -334,9 +334,8 @@ def _checkpoint_step(ckpt: str) -> int:
     return int(os.path.basename(ckpt).rsplit("-", 1)[1])
 
 
-def _resume_totals(run_dir: str) -> Optional[dict]:
-    """The whole-run totals saved in the checkpoint a resume starts from; None if there are none."""
-    ckpt = last_checkpoint(run_dir)
+def _resume_totals(ckpt: Optional[str]) -> Optional[dict]:
+    """The whole-run totals saved in ``ckpt``, the checkpoint a resume starts from; None if there are none."""
     if ckpt is None or not os.path.isfile(os.path.join(ckpt, TOTALS_FILE)):
         return None
     try:
@@ -447,7 +446,7 @@ def run_training(opts: TrainOptions) -> dict:
         opts.resolve_warmups(trainer.full_run_steps())  # a recipe that scales them needs the run's length
         args.warmup_steps = opts.lr_warmup_steps
         schedule = trainer.schedule = dataclasses.replace(schedule, warmup_steps=opts.warmup_steps)
-        totals = _run_totals_callback(_resume_totals(out) if opts.resume else None)
+        totals = _run_totals_callback(_resume_totals(resume_ckpt))
         totals.trainer = trainer
         trainer.add_callback(totals)
         totals.t0 = time.time()
