@@ -6,7 +6,7 @@ Forward saves X once (plus the tiny X·Aᵀ and, with dropout, a uint8 keep-mask
     dS = (dOᵀ·X) at the mask    (SDDMM; never a dense dW beyond one chunk)
     dX = dO·(W+S) + s·((dO·B)·A) ⊙ keep/(1-p)
 where Xd = X ⊙ keep/(1-p). Dropout touches the LoRA branch only and reuses the same keep-mask in
-backward. Both products with W+S go through a *weight source* (``source.matmul`` for X·(W+S)ᵀ,
+backward; the 1/(1-p) is applied to the rank-r products (X ⊙ keep)·Aᵀ and dO·B, not to X. Both products with W+S go through a *weight source* (``source.matmul`` for X·(W+S)ᵀ,
 ``source.matmul_t`` for dO·(W+S)): for the ``merged`` implementation the dense W+S is the base weight
 itself (no copy); for ``sp_add`` a temporary built per call; for ``spmm`` (4-bit bases,
 ``weight_source.QuantSpmmSource``) no dense W+S at all: the base's own 4-bit matmul plus an SpMM on S's CSR.
@@ -47,9 +47,12 @@ def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     return torch.from_numpy(keep.view(np.uint8)).view(x.shape), _GRID / (_GRID - dropped)
 
 
-def _dropped(t: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """``t ⊙ keep · scale`` as one new tensor (the 0/1 mask cast to ``t``'s dtype, then the scale)."""
-    return t.mul(keep.to(t.dtype)).mul_(scale)
+def _masked(t: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """``t ⊙ keep`` (``t`` itself without a mask). One pass: the uint8 mask is promoted to ``t``'s dtype
+    inside the multiply. The dropout scale 1 / P(keep) is never applied to ``t``: the callers fold it
+    into the rank-r factor of the same product (``(t ⊙ keep)·Aᵀ·scale``, ``((dO·B)·scale·A) ⊙ keep``),
+    which is r / in_features of the work of a pass over ``t``."""
+    return t if keep is None else t.mul(keep)
 
 
 def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
@@ -78,10 +81,9 @@ class RosaLinearFunction(torch.autograd.Function):
             b = lora_B.to(cdt)
             if dropout_p > 0.0:
                 keep, keep_scale = dropout_keep_mask(xc, dropout_p)
-                xl = _dropped(xc, keep, keep_scale)
-            else:
-                xl = xc
-            xa = xl @ a.t()
+            xa = _masked(xc, keep) @ a.t()  # Xd·Aᵀ with Xd = X ⊙ keep · keep_scale
+            if keep_scale != 1.0:
+                xa.mul_(keep_scale)
             out = out.addmm(xa, b.t(), alpha=scaling)
         ctx.source = source
         ctx.sp = sp
@@ -109,16 +111,14 @@ class RosaLinearFunction(torch.autograd.Function):
             a = lora_A.to(cdt)
             b = lora_B.to(cdt)
             gb = g @ b  # (T, r)
+            s_keep = s * ctx.keep_scale
             if need_a:
-                xl = _dropped(xc, keep, ctx.keep_scale) if keep is not None else xc
-                d_a = (gb.t() @ xl).mul_(s).to(lora_A.dtype)
+                d_a = (gb.t() @ _masked(xc, keep)).mul_(s_keep).to(lora_A.dtype)
             if need_b:
                 d_b = (g.t() @ xa).mul_(s).to(lora_B.dtype)
             if need_x:
-                dx_lora = (gb @ a).mul_(s)
-                if keep is not None:
-                    dx_lora = _dropped(dx_lora, keep, ctx.keep_scale)
-                dx = dx_lora
+                dx_lora = gb.mul(s_keep) @ a
+                dx = dx_lora if keep is None else dx_lora.mul_(keep)
         if need_x:
             dx = ctx.source.matmul_t(g, weight, ctx.sp, values, cdt, dx)
             dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)

@@ -52,7 +52,7 @@ VARIANTS = {
 
 def _bernoulli_keep_mask(x: torch.Tensor, p: float):
     """The dropout mask as the fused Function drew it before: torch's CPU ``bernoulli_`` per element."""
-    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p), 1.0 / (1.0 - p)
+    return torch.empty_like(x, dtype=torch.uint8).bernoulli_(1.0 - p), 1.0 / (1.0 - p)
 
 
 @contextlib.contextmanager
