@@ -17,7 +17,9 @@ full-vocabulary logits), ``after`` (float32, batch 1, the current code: frozen s
 mask of :func:`rosa_peft.function.dropout_keep_mask`, the output head only at labelled positions, as
 ``RosaTrainer`` computes it), ``bf16`` (``--dtype bfloat16`` base, float32 adapters, batch 1) and
 ``bf16-b8`` (bf16, micro-batches of 8 examples of similar length with dynamic padding, as
-``rosa train --batch-size 8`` groups them). Timings of a shared machine are noisy: compare the ratios
+``rosa train --batch-size 8`` groups them), ``paper-b8`` (also bf16 adapters, as ``--recipe paper``
+trains them: the study grids' setting) and ``paper-b8-eager`` (that with ``--attn-implementation eager``
+instead of transformers' default SDPA, whose CPU backward is slow at these shapes). Timings of a shared machine are noisy: compare the ratios
 of one report; the per-variant value is the minimum (``stat="min"``, robust to other processes' bursts)
 or the median over every timed micro-batch of every round. The projection of one ``rosa train`` run
 is warm-up micro-batches + scoring micro-batches + one selection + one epoch of main-phase micro-batches.
@@ -43,10 +45,14 @@ from ..tasks import Collator, build_dataset, get_task
 from ..utils.model_loading import load_model
 
 VARIANTS = {
-    "before": {"dtype": "float32", "batch_size": 1, "code": "before"},
-    "after": {"dtype": "float32", "batch_size": 1, "code": "current"},
-    "bf16": {"dtype": "bfloat16", "batch_size": 1, "code": "current"},
-    "bf16-b8": {"dtype": "bfloat16", "batch_size": 8, "code": "current"},
+    "before": {"dtype": "float32", "adapter_dtype": "float32", "attn": "sdpa", "batch_size": 1, "code": "before"},
+    "after": {"dtype": "float32", "adapter_dtype": "float32", "attn": "sdpa", "batch_size": 1, "code": "current"},
+    "bf16": {"dtype": "bfloat16", "adapter_dtype": "float32", "attn": "sdpa", "batch_size": 1, "code": "current"},
+    "bf16-b8": {"dtype": "bfloat16", "adapter_dtype": "float32", "attn": "sdpa", "batch_size": 8, "code": "current"},
+    # --recipe paper --batch-size 8 (the study grids' setting), then with --attn-implementation eager
+    "paper-b8": {"dtype": "bfloat16", "adapter_dtype": "bfloat16", "attn": "sdpa", "batch_size": 8, "code": "current"},
+    "paper-b8-eager": {"dtype": "bfloat16", "adapter_dtype": "bfloat16", "attn": "eager", "batch_size": 8,
+                       "code": "current"},
 }
 
 
@@ -132,7 +138,7 @@ def _step(model, batch) -> float:
 
 def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_dir: Optional[str] = None,
                     n_examples: int = 16, threads: int = 2, rounds: int = 2, max_seq_len: int = 512,
-                    variants: Sequence[str] = ("before", "after", "bf16", "bf16-b8"), r: int = 16, density: float = 0.006,
+                    variants: Sequence[str] = tuple(VARIANTS), r: int = 16, density: float = 0.006,
                     epoch_examples: int = 5103, warmup_steps: int = 64, grad_accum: int = 32,
                     seed: int = 0, progress: bool = False, stat: str = "min") -> Dict:
     """Seconds per training example (at each variant's micro-batch size) per variant, the
@@ -151,13 +157,13 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
         examples = get_task(task, data_dir=data_dir).load(limit=n_examples)
         built = {}
         for name in variants:
-            dtype = VARIANTS[name]["dtype"]
+            spec = VARIANTS[name]
             models = []
             for _ in range(2):  # one stays in the warm-up state (no masks), one gets the masks
                 torch.manual_seed(seed)
-                base, tok = load_model(model_name, dtype=dtype)
+                base, tok = load_model(model_name, dtype=spec["dtype"], attn_implementation=spec["attn"])
                 cfg = RosaConfig(r=r, density=density, lora_alpha=16.0, lora_dropout=0.05,
-                                 target_modules="all-linear")
+                                 target_modules="all-linear", adapter_dtype=spec["adapter_dtype"])
                 models.append(get_rosa_model(base, cfg))
             ds = build_dataset(examples, tok, max_seq_len=max_seq_len)
             collate = Collator(tok)

@@ -92,3 +92,32 @@ def test_selection_is_timed_apart_from_scoring_and_the_selector_is_restored():
     assert (select.Selector.add, select.Selector.result) == originals
     assert seconds[0] > 0
     assert list(plain) == list(timed) and all(torch.equal(plain[n], timed[n]) for n in plain)
+
+
+def test_train_speed_variants_load_their_settings_and_report_rows(tmp_path, smol_tokenizer, data_dir, monkeypatch):
+    """On a tiny saved base: each variant's model is loaded with its attention kernel and adapter dtype
+    (the ``paper-b8-eager`` row is what ``--recipe paper --attn-implementation eager`` trains), and every
+    row carries the timings and the projections computed from them."""
+    from conftest import save_tiny_base
+
+    from rosa_peft.bench import train_speed
+
+    save_tiny_base(tmp_path / "base", smol_tokenizer)
+    built = []
+    real_get = train_speed.get_rosa_model
+
+    def recording(base, cfg):
+        built.append((base.config._attn_implementation, cfg.adapter_dtype, base.dtype))
+        return real_get(base, cfg)
+
+    monkeypatch.setattr(train_speed, "get_rosa_model", recording)
+    result = run_train_speed(model_name=str(tmp_path / "base"), data_dir=str(data_dir), n_examples=2, threads=1,
+                             rounds=1, max_seq_len=512, variants=("bf16-b8", "paper-b8-eager"), r=2, density=0.05)
+    assert built == [("sdpa", "float32", torch.bfloat16)] * 2 + [("eager", "bfloat16", torch.bfloat16)] * 2
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert list(rows) == ["bf16-b8", "paper-b8-eager"]
+    assert rows["paper-b8-eager"]["attn"] == "eager" and rows["paper-b8-eager"]["adapter_dtype"] == "bfloat16"
+    for row in rows.values():
+        assert row["examples"] == 2 and row["s_per_example_train"] > 0 and row["score_s_per_microbatch"] > 0
+        assert row["epoch_train_min"] == round(5103 * row["s_per_example_train"] / 60, 1)
+    assert rows["bf16-b8"]["speedup_vs_bf16-b8"] == 1.0
