@@ -26,5 +26,12 @@ def supra(model, budget):
                                                    lora_alpha=(2 * r) if r else None))
 
 
+def train_lora(model, r: int, lora_alpha: float, lora_dropout: float, keep_base_dtype: bool):
+    """PEFT LoRA on every linear layer (the train bench's baseline row); ``keep_base_dtype``: adapters in the
+    base's dtype (``autocast_adapter_dtype=False``) instead of PEFT's default float32."""
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                            target_modules="all-linear"), autocast_adapter_dtype=not keep_base_dtype)
+
+
 # benchmark method name -> builder (peft-qlora is LoRA on a bitsandbytes 4-bit base)
 BUILDERS = {"peft-lora": lora, "peft-shira": shira, "peft-supra": supra, "peft-qlora": lora}

@@ -19,7 +19,11 @@ mask of :func:`rosa_peft.function.dropout_keep_mask`, the output head only at la
 ``bf16-b8`` (bf16, micro-batches of 8 examples of similar length with dynamic padding, as
 ``rosa train --batch-size 8`` groups them), ``paper-b8`` (also bf16 adapters, as ``--recipe paper``
 trains them: the study grids' setting) and ``paper-b8-eager`` (that with ``--attn-implementation eager``
-instead of transformers' default SDPA, whose CPU backward is slow at these shapes). Timings of a shared machine are noisy: compare the ratios
+instead of transformers' default SDPA, whose CPU backward is slow at these shapes). The baseline
+``peft-lora-b8-eager`` is HF PEFT's LoRA at the same rank, dropout and targets on that same base (adapters
+in the base's bf16: ``autocast_adapter_dtype=False``), trained through PEFT's own forward (the loss from
+the full-vocabulary logits); it has no warm-up, scoring or selection, so those columns are empty and
+its ``rosa_run_min`` is its epoch. Timings of a shared machine are noisy: compare the ratios
 of one report; the per-variant value is the minimum (``stat="min"``, robust to other processes' bursts)
 or the median over every timed micro-batch of every round. The projection of one ``rosa train`` run
 is warm-up micro-batches + scoring micro-batches + one selection + one epoch of main-phase micro-batches.
@@ -43,6 +47,9 @@ from ..masks import select
 from ..model import get_rosa_model
 from ..tasks import Collator, build_dataset, get_task
 from ..utils.model_loading import load_model
+from .methods import have
+
+_NEEDS_PEFT = "needs the 'peft' package (pip install rosa-peft[bench])"
 
 VARIANTS = {
     "before": {"dtype": "float32", "adapter_dtype": "float32", "attn": "sdpa", "batch_size": 1, "code": "before"},
@@ -53,6 +60,9 @@ VARIANTS = {
     "paper-b8": {"dtype": "bfloat16", "adapter_dtype": "bfloat16", "attn": "sdpa", "batch_size": 8, "code": "current"},
     "paper-b8-eager": {"dtype": "bfloat16", "adapter_dtype": "bfloat16", "attn": "eager", "batch_size": 8,
                        "code": "current"},
+    # the baseline of the same run: PEFT LoRA at the same rank, no sparse part, as a PEFT user trains it
+    "peft-lora-b8-eager": {"dtype": "bfloat16", "adapter_dtype": "bfloat16", "attn": "eager", "batch_size": 8,
+                           "code": "peft"},
 }
 
 
@@ -65,7 +75,7 @@ def _bernoulli_keep_mask(x: torch.Tensor, p: float):
 def _code(version: str):
     """``before``: the dropout mask and the loss as issue #14 found them (``bernoulli_``; every position
     projected onto the vocabulary), plus the unfrozen scoring of :func:`_scoring_like`."""
-    if version == "current":
+    if version in ("current", "peft"):
         yield
         return
     saved = function.dropout_keep_mask, model_module.labelled_loss
@@ -129,7 +139,10 @@ def _timed_selection(seconds: List[float]):
 def _step(model, batch) -> float:
     model.train()
     t = time.perf_counter()
-    loss = model(**batch, loss_only=True).loss  # as RosaTrainer.compute_loss
+    if getattr(model, "peft_config", None) is not None:
+        loss = model(**batch).loss  # PEFT's own forward, as transformers' Trainer computes it
+    else:
+        loss = model(**batch, loss_only=True).loss  # as RosaTrainer.compute_loss
     loss.backward()
     elapsed = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
@@ -138,17 +151,17 @@ def _step(model, batch) -> float:
 
 def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_dir: Optional[str] = None,
                     n_examples: int = 16, threads: int = 2, rounds: int = 2, max_seq_len: int = 512,
-                    variants: Sequence[str] = tuple(VARIANTS), r: int = 16, density: float = 0.006,
+                    variants: Optional[Sequence[str]] = None, r: int = 16, density: float = 0.006,
                     epoch_examples: int = 5103, warmup_steps: int = 64, grad_accum: int = 32,
                     seed: int = 0, progress: bool = False, stat: str = "min") -> Dict:
     """Seconds per training example (at each variant's micro-batch size) per variant, the
-    scoring / step ratios and the projected time of one epoch; returns a JSON-ready dict with ``rows``."""
+    scoring / step ratios and the projected time of one epoch; returns a JSON-ready dict with ``rows``.
+    ``variants=None``: all of :data:`VARIANTS`, without the PEFT row when peft is not installed (then
+    ``skipped`` says so); naming the PEFT row without peft raises."""
 
     if stat not in ("min", "median"):
         raise ValueError(f"stat must be 'min' or 'median', got {stat!r}")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise ValueError(f"variants must be a non-empty subset of {list(VARIANTS)}, got {list(variants)!r}")
+    variants, skipped = _resolve_variants(variants)
     if n_examples < 1 or rounds < 1 or threads < 1:
         raise ValueError("n_examples, rounds and threads must be >= 1")
     previous_threads = torch.get_num_threads()
@@ -159,9 +172,12 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
         for name in variants:
             spec = VARIANTS[name]
             models = []
-            for _ in range(2):  # one stays in the warm-up state (no masks), one gets the masks
+            for _ in range(1 if spec["code"] == "peft" else 2):  # RoSA: one stays in the warm-up state, one gets masks
                 torch.manual_seed(seed)
                 base, tok = load_model(model_name, dtype=spec["dtype"], attn_implementation=spec["attn"])
+                if spec["code"] == "peft":
+                    models += [_peft_lora(base, r, spec["adapter_dtype"])] * 2
+                    continue
                 cfg = RosaConfig(r=r, density=density, lora_alpha=16.0, lora_dropout=0.05,
                                  target_modules="all-linear", adapter_dtype=spec["adapter_dtype"])
                 models.append(get_rosa_model(base, cfg))
@@ -181,53 +197,85 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
                 with _code(VARIANTS[name]["code"]):
                     if rnd == 0:
                         _step(b["warm"], b["batches"][0])  # first-call allocations / kernel selection
-                    for batch in b["batches"]:
-                        times[name]["warmup_step"].append(_step(b["warm"], batch))
-                    selecting = [0.0]
-                    t = time.perf_counter()
-                    with _timed_selection(selecting):
-                        masks = compute_masks(b["warm"], b["batches"], criterion="fisher", seed=seed,
-                                              progress=progress)
-                    total = time.perf_counter() - t
-                    times[name]["score"].append((total - selecting[0]) / len(b["batches"]))
-                    times[name]["select"].append(selecting[0])
-                    if rnd == 0:
-                        b["train"].set_masks(masks)
-                        _step(b["train"], b["batches"][0])
+                    if VARIANTS[name]["code"] != "peft":  # PEFT LoRA: no warm-up phase, scoring or masks
+                        _time_rosa_phases(b, times[name], seed, rnd == 0, progress)
                     for batch in b["batches"]:
                         times[name]["train_step"].append(_step(b["train"], batch))
         rows = []
         for name in variants:
             pick = min if stat == "min" else statistics.median
-            med = {k: pick(v) for k, v in times[name].items()}
+            med = {k: pick(v) for k, v in times[name].items() if v}
             b = built[name]
             per_batch = b["examples"] / len(b["batches"])  # examples per micro-batch
             per_example = {k: v / per_batch for k, v in med.items()}
-            # grad_accum: examples per optimizer step (rosa train's default: batch 1 x 32 micro-batches);
-            # mask_grad_steps=1 scores one optimizer step's examples
-            run_s = (warmup_steps * grad_accum * per_example["warmup_step"] + grad_accum * per_example["score"]
-                     + med["select"] + epoch_examples * per_example["train_step"])
-            rows.append({
-                "variant": name, **VARIANTS[name], "threads": threads, "task": task,
-                "examples": b["examples"], "mean_tokens": round(b["tokens"] / b["examples"], 1),
-                "padding": round(b["padded_tokens"] / b["tokens"] - 1, 3),
-                "s_per_example_warmup": round(per_example["warmup_step"], 4),
-                "s_per_example_train": round(per_example["train_step"], 4),
-                "score_s_per_microbatch": round(med["score"], 4),
-                "select_s": round(med["select"], 3),
-                "score_over_warmup_step": round(med["score"] / med["warmup_step"], 3),
-                "score_over_train_step": round(med["score"] / med["train_step"], 3),
-                "epoch_train_min": round(epoch_examples * per_example["train_step"] / 60, 1),
-                "rosa_run_min": round(run_s / 60, 1),
-            })
+            epoch_s = epoch_examples * per_example["train_step"]
+            row = {"variant": name, **VARIANTS[name], "threads": threads, "task": task,
+                   "examples": b["examples"], "mean_tokens": round(b["tokens"] / b["examples"], 1),
+                   "padding": round(b["padded_tokens"] / b["tokens"] - 1, 3),
+                   "s_per_example_warmup": None, "s_per_example_train": round(per_example["train_step"], 4),
+                   "score_s_per_microbatch": None, "select_s": None, "score_over_warmup_step": None,
+                   "score_over_train_step": None, "epoch_train_min": round(epoch_s / 60, 1),
+                   "rosa_run_min": round(epoch_s / 60, 1)}
+            if "score" in med:
+                # grad_accum: examples per optimizer step (rosa train's default: batch 1 x 32 micro-batches);
+                # mask_grad_steps=1 scores one optimizer step's examples
+                run_s = (warmup_steps * grad_accum * per_example["warmup_step"] + grad_accum * per_example["score"]
+                         + med["select"] + epoch_s)
+                row.update({"s_per_example_warmup": round(per_example["warmup_step"], 4),
+                            "score_s_per_microbatch": round(med["score"], 4), "select_s": round(med["select"], 3),
+                            "score_over_warmup_step": round(med["score"] / med["warmup_step"], 3),
+                            "score_over_train_step": round(med["score"] / med["train_step"], 3),
+                            "rosa_run_min": round(run_s / 60, 1)})
+            rows.append(row)
         base = rows[0]
+        peft = next((row for row in rows if row["code"] == "peft"), None)
         for row in rows:
             row["speedup_vs_" + base["variant"]] = round(base["s_per_example_train"] / row["s_per_example_train"], 3)
+            if peft is not None:  # the issue's kind of ratio: a training example against PEFT LoRA's, same run
+                row["train_over_peft_lora"] = round(row["s_per_example_train"] / peft["s_per_example_train"], 3)
         return {"bench": "train_speed", "model": model_name or "smollm2-135m", "task": task,
                 "epoch_examples": epoch_examples, "warmup_steps": warmup_steps, "grad_accum": grad_accum,
-                "rounds": rounds, "stat": stat, "bf16_supported": bool(_cpu_bf16()), "rows": rows, "raw": times}
+                "rounds": rounds, "stat": stat, "bf16_supported": bool(_cpu_bf16()), "rows": rows, "skipped": skipped,
+                "raw": times}
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _resolve_variants(variants: Optional[Sequence[str]]) -> tuple[List[str], Dict[str, str]]:
+    """``(the variants to run, {left-out variant: why})``: None is every variant that can run here."""
+    if variants is None:
+        run = [v for v in VARIANTS if VARIANTS[v]["code"] != "peft" or have("peft")]
+        return run, {v: _NEEDS_PEFT for v in VARIANTS if v not in run}
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"variants must be a non-empty subset of {list(VARIANTS)}, got {list(variants)!r}")
+    if any(VARIANTS[v]["code"] == "peft" for v in variants) and not have("peft"):
+        raise ValueError(f"the PEFT LoRA row {_NEEDS_PEFT}")
+    return list(variants), {}
+
+
+def _time_rosa_phases(b: Dict, times: Dict[str, List[float]], seed: int, first: bool, progress: bool) -> None:
+    """One round of a RoSA variant before its main-phase steps: the warm-up steps, the scoring of every
+    micro-batch and the selection (timed apart); on the first round the masks go to the main-phase model."""
+    for batch in b["batches"]:
+        times["warmup_step"].append(_step(b["warm"], batch))
+    selecting = [0.0]
+    t = time.perf_counter()
+    with _timed_selection(selecting):
+        masks = compute_masks(b["warm"], b["batches"], criterion="fisher", seed=seed, progress=progress)
+    total = time.perf_counter() - t
+    times["score"].append((total - selecting[0]) / len(b["batches"]))
+    times["select"].append(selecting[0])
+    if first:
+        b["train"].set_masks(masks)
+        _step(b["train"], b["batches"][0])
+
+
+def _peft_lora(base, r: int, adapter_dtype: str):
+    from . import peft_baselines  # peft is optional: imported only for the PEFT row
+
+    keep = str(base.dtype).replace("torch.", "") == adapter_dtype
+    return peft_baselines.train_lora(base, r=r, lora_alpha=16.0, lora_dropout=0.05, keep_base_dtype=keep)
 
 
 def _cpu_bf16() -> bool:

@@ -95,29 +95,60 @@ def test_selection_is_timed_apart_from_scoring_and_the_selector_is_restored():
 
 
 def test_train_speed_variants_load_their_settings_and_report_rows(tmp_path, smol_tokenizer, data_dir, monkeypatch):
-    """On a tiny saved base: each variant's model is loaded with its attention kernel and adapter dtype
-    (the ``paper-b8-eager`` row is what ``--recipe paper --attn-implementation eager`` trains), and every
-    row carries the timings and the projections computed from them."""
+    """On a tiny saved base: each RoSA variant's model is loaded with its attention kernel and adapter dtype
+    (``paper-b8-eager`` is what ``--recipe paper --attn-implementation eager`` trains), the PEFT LoRA row is
+    PEFT's own model with bf16 adapters and no scoring columns, and every row carries its projections and
+    its ratio to the PEFT row."""
     from conftest import save_tiny_base
 
-    from rosa_peft.bench import train_speed
+    from rosa_peft.bench import peft_baselines, train_speed
 
     save_tiny_base(tmp_path / "base", smol_tokenizer)
-    built = []
-    real_get = train_speed.get_rosa_model
+    built, peft_models = [], []
+    real_get, real_lora = train_speed.get_rosa_model, peft_baselines.train_lora
 
     def recording(base, cfg):
         built.append((base.config._attn_implementation, cfg.adapter_dtype, base.dtype))
         return real_get(base, cfg)
 
+    def recording_lora(base, **kwargs):
+        peft_models.append(real_lora(base, **kwargs))
+        return peft_models[-1]
+
     monkeypatch.setattr(train_speed, "get_rosa_model", recording)
+    monkeypatch.setattr(peft_baselines, "train_lora", recording_lora)
     result = run_train_speed(model_name=str(tmp_path / "base"), data_dir=str(data_dir), n_examples=2, threads=1,
-                             rounds=1, max_seq_len=512, variants=("bf16-b8", "paper-b8-eager"), r=2, density=0.05)
+                             rounds=1, max_seq_len=512, variants=("bf16-b8", "paper-b8-eager", "peft-lora-b8-eager"),
+                             r=2, density=0.05)
     assert built == [("sdpa", "float32", torch.bfloat16)] * 2 + [("eager", "bfloat16", torch.bfloat16)] * 2
+    (peft_model,) = peft_models
+    assert peft_model.base_model.model.config._attn_implementation == "eager"
+    lora_weights = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    assert len(lora_weights) == 2 * 7 * 2 and all(p.dtype == torch.bfloat16 and p.requires_grad for p in lora_weights)
     rows = {row["variant"]: row for row in result["rows"]}
-    assert list(rows) == ["bf16-b8", "paper-b8-eager"]
+    assert list(rows) == ["bf16-b8", "paper-b8-eager", "peft-lora-b8-eager"] and result["skipped"] == {}
     assert rows["paper-b8-eager"]["attn"] == "eager" and rows["paper-b8-eager"]["adapter_dtype"] == "bfloat16"
+    peft_row = rows["peft-lora-b8-eager"]
     for row in rows.values():
-        assert row["examples"] == 2 and row["s_per_example_train"] > 0 and row["score_s_per_microbatch"] > 0
-        assert row["epoch_train_min"] == round(5103 * row["s_per_example_train"] / 60, 1)
+        assert row["examples"] == 2 and row["s_per_example_train"] > 0
+        # both are rounded (0.1 min, 1e-4 s): equal within those roundings
+        assert row["epoch_train_min"] == pytest.approx(5103 * row["s_per_example_train"] / 60, abs=0.06)
+        assert row["train_over_peft_lora"] == round(row["s_per_example_train"] / peft_row["s_per_example_train"], 3)
+    for name in ("bf16-b8", "paper-b8-eager"):
+        assert rows[name]["score_s_per_microbatch"] > 0 and rows[name]["rosa_run_min"] > rows[name]["epoch_train_min"]
+    assert peft_row["score_s_per_microbatch"] is None and peft_row["s_per_example_warmup"] is None
+    assert peft_row["rosa_run_min"] == peft_row["epoch_train_min"] and peft_row["train_over_peft_lora"] == 1.0
     assert rows["bf16-b8"]["speedup_vs_bf16-b8"] == 1.0
+
+
+def test_without_peft_the_default_variants_skip_the_peft_row_and_naming_it_raises(monkeypatch):
+    from rosa_peft.bench import train_speed
+
+    everything = list(train_speed.VARIANTS)
+    assert train_speed._resolve_variants(None) == (everything, {})
+    monkeypatch.setattr(train_speed, "have", lambda module: module != "peft")
+    run, skipped = train_speed._resolve_variants(None)
+    assert run == [v for v in everything if v != "peft-lora-b8-eager"]
+    assert list(skipped) == ["peft-lora-b8-eager"] and "pip install rosa-peft[bench]" in skipped["peft-lora-b8-eager"]
+    with pytest.raises(ValueError, match="PEFT LoRA row needs the 'peft' package"):
+        run_train_speed(variants=("paper-b8", "peft-lora-b8-eager"))
