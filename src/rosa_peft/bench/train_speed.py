@@ -136,13 +136,12 @@ def _timed_selection(seconds: List[float]):
             setattr(select.Selector, name, fn)
 
 
-def _step(model, batch) -> float:
+def _step(model, batch, peft: bool = False) -> float:
+    """One timed forward + backward: a RosaModel's loss at labelled positions only (as
+    RosaTrainer.compute_loss), or with ``peft`` a PEFT model's own forward (as transformers' Trainer)."""
     model.train()
     t = time.perf_counter()
-    if getattr(model, "peft_config", None) is not None:
-        loss = model(**batch).loss  # PEFT's own forward, as transformers' Trainer computes it
-    else:
-        loss = model(**batch, loss_only=True).loss  # as RosaTrainer.compute_loss
+    loss = model(**batch).loss if peft else model(**batch, loss_only=True).loss
     loss.backward()
     elapsed = time.perf_counter() - t
     model.zero_grad(set_to_none=True)
@@ -194,13 +193,14 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
         for rnd in range(rounds):
             for name in variants:
                 b = built[name]
+                peft = VARIANTS[name]["code"] == "peft"
                 with _code(VARIANTS[name]["code"]):
                     if rnd == 0:
-                        _step(b["warm"], b["batches"][0])  # first-call allocations / kernel selection
-                    if VARIANTS[name]["code"] != "peft":  # PEFT LoRA: no warm-up phase, scoring or masks
+                        _step(b["warm"], b["batches"][0], peft)  # first-call allocations / kernel selection
+                    if not peft:  # PEFT LoRA: no warm-up phase, scoring or masks
                         _time_rosa_phases(b, times[name], seed, rnd == 0, progress)
                     for batch in b["batches"]:
-                        times[name]["train_step"].append(_step(b["train"], batch))
+                        times[name]["train_step"].append(_step(b["train"], batch, peft))
         rows = []
         for name in variants:
             pick = min if stat == "min" else statistics.median

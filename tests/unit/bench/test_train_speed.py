@@ -117,11 +117,22 @@ def test_train_speed_variants_load_their_settings_and_report_rows(tmp_path, smol
 
     monkeypatch.setattr(train_speed, "get_rosa_model", recording)
     monkeypatch.setattr(peft_baselines, "train_lora", recording_lora)
+    from rosa_peft import model as model_module
+    labelled, real_labelled = [], model_module.labelled_loss
+
+    def counting(model, inputs, **kwargs):  # RosaModel(..., loss_only=True): the RoSA rows' timed steps
+        labelled.append(model)
+        return real_labelled(model, inputs, **kwargs)
+
+    monkeypatch.setattr(model_module, "labelled_loss", counting)
     result = run_train_speed(model_name=str(tmp_path / "base"), data_dir=str(data_dir), n_examples=2, threads=1,
                              rounds=1, max_seq_len=512, variants=("bf16-b8", "paper-b8-eager", "peft-lora-b8-eager"),
                              r=2, density=0.05)
     assert built == [("sdpa", "float32", torch.bfloat16)] * 2 + [("eager", "bfloat16", torch.bfloat16)] * 2
     (peft_model,) = peft_models
+    # each RoSA variant: first-call + warm-up + first main + main step (1 micro-batch of 2 examples), all
+    # through the labelled-positions loss, as RosaTrainer trains; the PEFT row never goes through it
+    assert len(labelled) >= 2 * 4 and peft_model.base_model.model not in labelled
     assert peft_model.base_model.model.config._attn_implementation == "eager"
     lora_weights = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     assert len(lora_weights) == 2 * 7 * 2 and all(p.dtype == torch.bfloat16 and p.requires_grad for p in lora_weights)
