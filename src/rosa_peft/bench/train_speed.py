@@ -23,9 +23,10 @@ instead of transformers' default SDPA, whose CPU backward is slow at these shape
 ``peft-lora-b8-eager`` is HF PEFT's LoRA at the same rank, dropout and targets on that same base (adapters
 in the base's bf16: ``autocast_adapter_dtype=False``), trained through PEFT's own forward (the loss from
 the full-vocabulary logits); it has no warm-up, scoring or selection, so those columns are empty and
-its ``rosa_run_min`` is its epoch. Timings of a shared machine are noisy: compare the ratios
-of one report; the per-variant value is the minimum (``stat="min"``, robust to other processes' bursts)
-or the median over every timed micro-batch of every round. The projection of one ``rosa train`` run
+its ``rosa_run_min`` is its epoch. Each round times one pass over all of a variant's micro-batches (they
+differ in length), so a round's value is the mean cost of the bench's examples; the per-variant value is
+the minimum (``stat="min"``, robust to other processes' bursts) or the median of the rounds' values.
+Timings of a shared machine are noisy: compare the ratios of one report. The projection of one ``rosa train`` run
 is warm-up micro-batches + scoring micro-batches + one selection + one epoch of main-phase micro-batches.
 The optimizer step (once per ``grad_accum`` micro-batches) and the data loader are not included.
 """
@@ -185,9 +186,11 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
             size = VARIANTS[name]["batch_size"]
             feats = sorted(ds.features, key=lambda f: len(f["input_ids"])) if size > 1 else list(ds.features)
             batches = [collate(feats[i:i + size]) for i in range(0, len(feats), size)]
-            built[name] = {"warm": models[0], "train": models[1], "batches": batches, "examples": len(feats),
-                           "tokens": sum(len(f["input_ids"]) for f in feats),
-                           "padded_tokens": sum(int(b["input_ids"].numel()) for b in batches)}
+            tokens = sum(len(f["input_ids"]) for f in feats)
+            padded = sum(int(b["input_ids"].numel()) for b in batches)
+            built[name] = {"warm": models[0], "train": models[1], "batches": batches,
+                           "meta": {"examples": len(feats), "batches": len(batches),
+                                    "mean_tokens": round(tokens / len(feats), 1), "padding": round(padded / tokens - 1, 3)}}
         times: Dict[str, Dict[str, List[float]]] = {n: {"warmup_step": [], "score": [], "select": [],
                                                         "train_step": []} for n in variants}
         for rnd in range(rounds):
@@ -199,40 +202,11 @@ def run_train_speed(model_name: Optional[str] = None, task: str = "viggo", data_
                         _step(b["warm"], b["batches"][0], peft)  # first-call allocations / kernel selection
                     if not peft:  # PEFT LoRA: no warm-up phase, scoring or masks
                         _time_rosa_phases(b, times[name], seed, rnd == 0, progress)
-                    for batch in b["batches"]:
-                        times[name]["train_step"].append(_step(b["train"], batch, peft))
-        rows = []
-        for name in variants:
-            pick = min if stat == "min" else statistics.median
-            med = {k: pick(v) for k, v in times[name].items() if v}
-            b = built[name]
-            per_batch = b["examples"] / len(b["batches"])  # examples per micro-batch
-            per_example = {k: v / per_batch for k, v in med.items()}
-            epoch_s = epoch_examples * per_example["train_step"]
-            row = {"variant": name, **VARIANTS[name], "threads": threads, "task": task,
-                   "examples": b["examples"], "mean_tokens": round(b["tokens"] / b["examples"], 1),
-                   "padding": round(b["padded_tokens"] / b["tokens"] - 1, 3),
-                   "s_per_example_warmup": None, "s_per_example_train": round(per_example["train_step"], 4),
-                   "score_s_per_microbatch": None, "select_s": None, "score_over_warmup_step": None,
-                   "score_over_train_step": None, "epoch_train_min": round(epoch_s / 60, 1),
-                   "rosa_run_min": round(epoch_s / 60, 1)}
-            if "score" in med:
-                # grad_accum: examples per optimizer step (rosa train's default: batch 1 x 32 micro-batches);
-                # mask_grad_steps=1 scores one optimizer step's examples
-                run_s = (warmup_steps * grad_accum * per_example["warmup_step"] + grad_accum * per_example["score"]
-                         + med["select"] + epoch_s)
-                row.update({"s_per_example_warmup": round(per_example["warmup_step"], 4),
-                            "score_s_per_microbatch": round(med["score"], 4), "select_s": round(med["select"], 3),
-                            "score_over_warmup_step": round(med["score"] / med["warmup_step"], 3),
-                            "score_over_train_step": round(med["score"] / med["train_step"], 3),
-                            "rosa_run_min": round(run_s / 60, 1)})
-            rows.append(row)
-        base = rows[0]
-        peft = next((row for row in rows if row["code"] == "peft"), None)
-        for row in rows:
-            row["speedup_vs_" + base["variant"]] = round(base["s_per_example_train"] / row["s_per_example_train"], 3)
-            if peft is not None:  # the issue's kind of ratio: a training example against PEFT LoRA's, same run
-                row["train_over_peft_lora"] = round(row["s_per_example_train"] / peft["s_per_example_train"], 3)
+                    times[name]["train_step"].append(sum(_step(b["train"], batch, peft) for batch in b["batches"]))
+        rows = [_row(name, times[name], built[name]["meta"], threads=threads, task=task, stat=stat,
+                     epoch_examples=epoch_examples, warmup_steps=warmup_steps, grad_accum=grad_accum)
+                for name in variants]
+        _add_ratios(rows)
         return {"bench": "train_speed", "model": model_name or "smollm2-135m", "task": task,
                 "epoch_examples": epoch_examples, "warmup_steps": warmup_steps, "grad_accum": grad_accum,
                 "rounds": rounds, "stat": stat, "bf16_supported": bool(_cpu_bf16()), "rows": rows, "skipped": skipped,
@@ -254,17 +228,69 @@ def _resolve_variants(variants: Optional[Sequence[str]]) -> tuple[List[str], Dic
     return list(variants), {}
 
 
+def _row(name: str, times: Dict[str, List[float]], meta: Dict, *, threads: int, task: str, stat: str,
+         epoch_examples: int, warmup_steps: int, grad_accum: int) -> Dict:
+    """One report row from a variant's per-round times and its data (``meta``: examples, micro-batches per
+    pass, mean tokens per example, padding fraction)."""
+    per_batch, per_example = _per_round_stats(times, meta["examples"], meta["batches"], stat)
+    epoch_s = epoch_examples * per_example["train_step"]
+    row = {"variant": name, **VARIANTS[name], "threads": threads, "task": task,
+           "examples": meta["examples"], "mean_tokens": meta["mean_tokens"], "padding": meta["padding"],
+           "s_per_example_warmup": None, "s_per_example_train": round(per_example["train_step"], 4),
+           "score_s_per_microbatch": None, "select_s": None, "score_over_warmup_step": None,
+           "score_over_train_step": None, "epoch_train_min": round(epoch_s / 60, 1),
+           "rosa_run_min": round(epoch_s / 60, 1)}
+    if "score" in per_batch:
+        # grad_accum: examples per optimizer step (rosa train's default: batch 1 x 32 micro-batches);
+        # mask_grad_steps=1 scores one optimizer step's examples
+        run_s = (warmup_steps * grad_accum * per_example["warmup_step"] + grad_accum * per_example["score"]
+                 + per_batch["select"] + epoch_s)
+        row.update({"s_per_example_warmup": round(per_example["warmup_step"], 4),
+                    "score_s_per_microbatch": round(per_batch["score"], 4),
+                    "select_s": round(per_batch["select"], 3),
+                    "score_over_warmup_step": round(per_batch["score"] / per_batch["warmup_step"], 3),
+                    "score_over_train_step": round(per_batch["score"] / per_batch["train_step"], 3),
+                    "rosa_run_min": round(run_s / 60, 1)})
+    return row
+
+
+def _add_ratios(rows: List[Dict]) -> None:
+    """Each row's speed-up over the first row and, when the PEFT LoRA row ran, its time over PEFT LoRA's."""
+    base = rows[0]
+    peft = next((row for row in rows if row["code"] == "peft"), None)
+    for row in rows:
+        row["speedup_vs_" + base["variant"]] = round(base["s_per_example_train"] / row["s_per_example_train"], 3)
+        if peft is not None:  # the issue's kind of ratio: a training example against PEFT LoRA's, same run
+            row["train_over_peft_lora"] = round(row["s_per_example_train"] / peft["s_per_example_train"], 3)
+
+
+def _per_round_stats(times: Dict[str, List[float]], examples: int, batches: int,
+                     stat: str) -> tuple[Dict[str, float], Dict[str, float]]:
+    """``times``: per phase, one value per round (the seconds of one pass over all ``batches`` micro-batches;
+    for ``select`` one selection). Returns (per micro-batch, per example) seconds of each phase: the rounds'
+    minimum or median, divided by the micro-batches or examples of a pass (``select``: per call, in both)."""
+    pick = min if stat == "min" else statistics.median
+    per_batch, per_example = {}, {}
+    for k, v in times.items():
+        if not v:
+            continue
+        value = pick(v)
+        per_batch[k] = value if k == "select" else value / batches
+        per_example[k] = value if k == "select" else value / examples
+    return per_batch, per_example
+
+
 def _time_rosa_phases(b: Dict, times: Dict[str, List[float]], seed: int, first: bool, progress: bool) -> None:
     """One round of a RoSA variant before its main-phase steps: the warm-up steps, the scoring of every
-    micro-batch and the selection (timed apart); on the first round the masks go to the main-phase model."""
-    for batch in b["batches"]:
-        times["warmup_step"].append(_step(b["warm"], batch))
+    micro-batch and the selection (timed apart), each one value for the whole pass; on the first round the
+    masks go to the main-phase model."""
+    times["warmup_step"].append(sum(_step(b["warm"], batch) for batch in b["batches"]))
     selecting = [0.0]
     t = time.perf_counter()
     with _timed_selection(selecting):
         masks = compute_masks(b["warm"], b["batches"], criterion="fisher", seed=seed, progress=progress)
     total = time.perf_counter() - t
-    times["score"].append((total - selecting[0]) / len(b["batches"]))
+    times["score"].append(total - selecting[0])
     times["select"].append(selecting[0])
     if first:
         b["train"].set_masks(masks)

@@ -150,6 +150,23 @@ def test_train_speed_variants_load_their_settings_and_report_rows(tmp_path, smol
     assert peft_row["score_s_per_microbatch"] is None and peft_row["s_per_example_warmup"] is None
     assert peft_row["rosa_run_min"] == peft_row["epoch_train_min"] and peft_row["train_over_peft_lora"] == 1.0
     assert rows["bf16-b8"]["speedup_vs_bf16-b8"] == 1.0
+    # one value per phase and round: a pass over all micro-batches, not one per micro-batch
+    assert {k: len(v) for k, v in result["raw"]["paper-b8-eager"].items()} == dict.fromkeys(
+        ("warmup_step", "score", "select", "train_step"), 1)
+    assert len(result["raw"]["peft-lora-b8-eager"]["train_step"]) == 1
+
+
+def test_per_round_stats_are_a_whole_pass_over_the_micro_batches():
+    """Micro-batches differ in length: a round's value is its whole pass, so the per-example time is the
+    mean over the bench's examples (a minimum over single micro-batches would be the shortest one's)."""
+    from rosa_peft.bench.train_speed import _per_round_stats
+
+    times = {"train_step": [12.0, 10.0, 11.0], "score": [15.0, 13.0, 14.0], "select": [2.0, 1.0, 3.0], "warmup_step": []}
+    per_batch, per_example = _per_round_stats(times, examples=16, batches=2, stat="min")
+    assert per_batch == {"train_step": 5.0, "score": 6.5, "select": 1.0}
+    assert per_example == {"train_step": 10.0 / 16, "score": 13.0 / 16, "select": 1.0}
+    per_batch, _ = _per_round_stats(times, examples=16, batches=2, stat="median")
+    assert per_batch == {"train_step": 5.5, "score": 7.0, "select": 2.0}
 
 
 def test_without_peft_the_default_variants_skip_the_peft_row_and_naming_it_raises(monkeypatch):
