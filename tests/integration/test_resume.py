@@ -111,3 +111,33 @@ def test_a_directory_holding_only_stale_temporaries_can_be_trained_in(tiny_base,
     with pytest.raises(FileExistsError, match="not empty"):
         run_training(_opts(tiny_base, out, max_steps=1, save_steps=0, warmup_steps=0))
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_kill_in_the_warmup_resumes_it_and_logs_every_step_once(tiny_base, tmp_path, monkeypatch):
+    over = dict(warmup_steps=4, max_steps=6)
+    full = run_training(_opts(tiny_base, tmp_path / "full", **over))
+
+    out = tmp_path / "killed"
+    calls = []
+
+    def kill_at_warmup_step_3(self, args, state, control, **kw):  # after the warm-up's checkpoint-2
+        calls.append(state.global_step)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.MetricsWriter, "on_step_end", kill_at_warmup_step_3, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(_opts(tiny_base, out, **over))
+    monkeypatch.undo()
+    assert (out / "checkpoints" / "warmup" / "checkpoint-2").is_dir()
+    assert not (out / "checkpoints" / "checkpoint-2").exists()
+
+    resumed = run_training(_opts(tiny_base, out, resume=True, **over))
+    assert resumed["global_steps"] == full["global_steps"] == 6
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-6, abs=1e-9)
+    a, b = load_file(str(tmp_path / "full" / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    logged = [(r.get("phase"), r["step"]) for r in outputs.read_metrics(str(out / "metrics.jsonl"))
+              if r.get("event") == "log" and "loss" in r]
+    assert logged == [("warmup", s) for s in range(1, 5)] + [("train", s) for s in range(1, 7)]
+    assert not (out / "checkpoints" / "warmup").exists()

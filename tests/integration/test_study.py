@@ -363,3 +363,47 @@ def test_checkpointed_cell_continues_after_a_kill_and_matches_an_uninterrupted_o
 
     with pytest.raises(StudyConfigError, match="checkpoint_steps: expected an integer >= 0"):
         load_config(str(write_config(tmp_path / "b.yaml", out, tiny_base, checkpoint_steps=-1)))
+
+
+def test_cell_killed_in_its_warmup_continues_the_warmup(tmp_path, tiny_base, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from rosa_peft.train import outputs
+
+    methods = [{"method": "rosa", "r": 2, "density": 0.05}]
+    train = {**TRAIN, "max_steps": 2, "warmup_steps": 3, "lora_dropout": 0.0}
+    name = "sql-synth-rosa-r2-d0.05-s0"
+    plain = write_config(tmp_path / "plain.yaml", tmp_path / "plain", tiny_base, methods=methods, seeds=[0],
+                         train=train)
+    assert rosa_study(plain, "--no-progress", "--in-process") == 0
+
+    out = tmp_path / "ckpt"
+    cfg = write_config(tmp_path / "s.yaml", out, tiny_base, methods=methods, seeds=[0], train=train,
+                       checkpoint_steps=1)
+    real_on_log = outputs.MetricsWriter.on_log
+
+    def kill_after_logging_warmup_step_2(self, args, state, control, logs=None, **kw):  # before its checkpoint
+        real_on_log(self, args, state, control, logs=logs, **kw)
+        if logs and logs.get("phase") == "warmup" and state.global_step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.MetricsWriter, "on_log", kill_after_logging_warmup_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        rosa_study(cfg, "--no-progress", "--in-process")
+    monkeypatch.undo()
+    cell = out / "cells" / name
+    assert sorted(os.listdir(cell / "checkpoints" / "warmup")) == ["checkpoint-1"]
+    capsys.readouterr()
+    assert rosa_study(cfg, "--dry-run") == 0
+    assert f"{name}  partial (continues from checkpoints/warmup/checkpoint-1)" in capsys.readouterr().out
+
+    assert rosa_study(cfg, "--no-progress", "--in-process") == 0
+    assert not (cell / "checkpoints").exists()
+    logged = [(r["phase"], r["step"]) for r in outputs.read_metrics(str(cell / "metrics.jsonl"))
+              if r.get("event") == "log" and "loss" in r]
+    assert logged == [("warmup", 1), ("warmup", 2), ("warmup", 3), ("train", 1), ("train", 2)]
+    ref = tmp_path / "plain" / "cells" / name
+    a, b = load_file(str(ref / "adapter_model.safetensors")), load_file(str(cell / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    ma, mb = load_file(str(ref / "masks.safetensors")), load_file(str(cell / "masks.safetensors"))
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)

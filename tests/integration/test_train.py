@@ -54,8 +54,8 @@ def test_one_process_schedule_phases_restart_and_reload(tmp_path, caplog):
     masks_seen = {}
     orig = trainer.obtain_masks
 
-    def spy():
-        masks = orig()
+    def spy(**kw):
+        masks = orig(**kw)
         masks_seen.update(masks)
         fresh = _rosa(seed=0)
         init_adapter_weights(fresh, 7)
@@ -130,6 +130,117 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     assert fa.keys() == fb.keys()
     for k in fa:
         assert torch.equal(fa[k], fb[k]), k
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillInWarmup(TrainerCallback):
+    """Dies right after the warm-up saved its checkpoint at ``step`` (what a SIGKILL then would leave)."""
+
+    def __init__(self, step):
+        self.step, self.trainer = step, None
+
+    def on_save(self, args, state, control, **kw):
+        if self.trainer.phase == "warmup" and state.global_step == self.step:
+            raise _Killed
+
+
+def _assert_same_run(a, b):
+    ma, mb = a.get_masks(), b.get_masks()
+    assert list(ma) == list(mb) and all(torch.equal(ma[n], mb[n]) for n in ma)
+    fa, fb = a.adapter_state_dict(), b.adapter_state_dict()
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]), k
+
+
+@pytest.mark.parametrize("how", ["true", "path"])
+def test_kill_in_warmup_resumes_the_warmup_and_matches_uninterrupted(tmp_path, how):
+    sched = lambda: ScheduleConfig(mode="rosa", warmup_steps=4, seed=5)  # noqa: E731
+    full = _rosa()
+    _trainer(tmp_path / "a", full, max_steps=8, schedule=sched()).train()
+    assert not (tmp_path / "a" / "ckpt" / "warmup").exists()  # no checkpointing asked: no warm-up files
+
+    killed = _rosa()
+    kill = _KillInWarmup(2)
+    t = _trainer(tmp_path / "b", killed, max_steps=8, schedule=sched(), save_steps=2, callbacks=[kill])
+    kill.trainer = t
+    with pytest.raises(_Killed):
+        t.train()
+    out = tmp_path / "b" / "ckpt"
+    warm = out / "warmup" / "checkpoint-2"
+    assert json.loads((warm / "rosa_schedule.json").read_text())["phase"] == "warmup"
+    assert (warm / "adapter_model.safetensors").is_file() and (warm / "optimizer.pt").is_file()
+    assert not [n for n in os.listdir(out) if n.startswith("checkpoint-")]  # the main run has none yet
+
+    resumed = _rosa()
+    events = []
+    t = _trainer(tmp_path / "b", resumed, max_steps=8, schedule=sched(), save_steps=2,
+                 listener=lambda p, info: events.append((p, info.get("resumed_from"))))
+    t.train(resume_from_checkpoint=True if how == "true" else str(warm))
+    assert events == [("warmup", str(warm)), ("masks", None), ("train", "-")]
+    _assert_same_run(full, resumed)
+    assert not (out / "warmup").exists()  # gone once the main run saved its first checkpoint
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == [
+        "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
+
+
+def test_kill_while_scoring_takes_the_finished_warmup_without_another_step(tmp_path):
+    sched = lambda: ScheduleConfig(mode="rosa", warmup_steps=4, seed=5)  # noqa: E731
+    full = _rosa()
+    _trainer(tmp_path / "a", full, max_steps=8, schedule=sched()).train()
+
+    def die_at_scoring(phase, info):
+        if phase == "masks":
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        _trainer(tmp_path / "b", _rosa(), max_steps=8, schedule=sched(), save_steps=2, listener=die_at_scoring).train()
+    warm = tmp_path / "b" / "ckpt" / "warmup"
+    assert sorted(os.listdir(warm)) == ["checkpoint-2", "checkpoint-4"] and not (warm / "masks.safetensors").exists()
+
+    resumed = _rosa()
+    steps = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            steps.append(state.global_step)
+
+    t = _trainer(tmp_path / "b", resumed, max_steps=8, schedule=sched(), save_steps=2, callbacks=[Steps()])
+    t.train(resume_from_checkpoint=True)
+    assert steps == list(range(1, 9))  # the warm-up took no fifth step: only the main run's 8
+    _assert_same_run(full, resumed)
+
+
+def test_kill_after_scoring_resumes_from_the_saved_masks(tmp_path):
+    sched = lambda: ScheduleConfig(mode="rosa", warmup_steps=3, seed=5)  # noqa: E731
+    full = _rosa()
+    _trainer(tmp_path / "a", full, max_steps=6, schedule=sched()).train()
+
+    def die_at_train(phase, info):
+        if phase == "train":
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        _trainer(tmp_path / "b", _rosa(), max_steps=6, schedule=sched(), save_steps=2, listener=die_at_train).train()
+    warm = tmp_path / "b" / "ckpt" / "warmup"
+    assert os.listdir(warm) == ["masks.safetensors"]  # the warm-up's checkpoints went once the masks were saved
+
+    resumed = _rosa()
+    phases = []
+    t = _trainer(tmp_path / "b", resumed, max_steps=6, schedule=sched(), save_steps=2,
+                 listener=lambda p, info: phases.append((p, info.get("source"))))
+    t.train(resume_from_checkpoint=True)
+    assert phases == [("masks", str(warm / "masks.safetensors")), ("train", None)]  # no warm-up, no scoring
+    _assert_same_run(full, resumed)
+
+
+def test_resume_with_nothing_saved_says_so(tmp_path):
+    t = _trainer(tmp_path, _rosa(), max_steps=2, schedule=ScheduleConfig(mode="rosa", warmup_steps=1, seed=5))
+    with pytest.raises(ValueError, match="no checkpoint found in"):
+        t.train(resume_from_checkpoint=True)
 
 
 def test_spa_only_and_lora_only_modes(tmp_path):

@@ -126,7 +126,8 @@ def _partial_path(study: StudyConfig, cell: Cell) -> str:
 
 
 def resume_point(study: StudyConfig, cell: Cell) -> Optional[str]:
-    """What an unfinished cell continues from: its last checkpoint, or ``run_config.json`` when only its
+    """What an unfinished cell continues from: its last checkpoint (for RoSA, else what its warm-up left:
+    see :func:`rosa_peft.train.run.resume_point`), or ``run_config.json`` when only its
     evaluation is missing. None (the cell starts over) without ``checkpoint_steps``, without a stored
     spec equal to the cell's, or with nothing to continue from."""
     directory = cell_dir(study, cell)
@@ -140,8 +141,8 @@ def resume_point(study: StudyConfig, cell: Cell) -> Optional[str]:
         return None
     if os.path.isfile(os.path.join(directory, train_run.RUN_CONFIG)):
         return train_run.RUN_CONFIG
-    ckpt = train_run.last_checkpoint(directory)
-    return os.path.relpath(ckpt, directory) if ckpt else None
+    point = train_run.resume_point(directory)
+    return os.path.relpath(point, directory) if point else None
 
 
 def run_cell(study: StudyConfig, cell: Cell, progress: bool = False) -> dict:

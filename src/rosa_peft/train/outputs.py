@@ -19,6 +19,9 @@ from ..utils.io import atomic_write_text, read_jsonl
 from ..utils.plots import close_png, pyplot_or_none
 
 
+PHASE_ORDER = ("warmup", "train")  # the schedule phases that log training steps, in run order
+
+
 class MetricsWriter(TrainerCallback):
     """Appends every Trainer log record and every schedule phase change to ``metrics.jsonl``."""
 
@@ -32,16 +35,24 @@ class MetricsWriter(TrainerCallback):
         if not append:
             open(path, "w", encoding="utf-8").close()
 
-    def resume_at(self, step: int) -> int:
-        """Forget the training-phase log records after optimizer step ``step``, the checkpoint a resumed
-        run restarts from: the killed session logged them, the resumed one logs them again. Phase events
-        and the warm-up's records stay. Returns how many records were dropped."""
+    def resume_at(self, step: int, phase: str = "train") -> int:
+        """Forget the log records of ``phase`` after optimizer step ``step`` (the checkpoint a resumed run
+        restarts from) and those of every later phase: the killed session logged them, the resumed one logs
+        them again. Phase events and the records of earlier phases stay. Returns how many were dropped."""
+        if phase not in PHASE_ORDER:
+            raise ValueError(f"phase must be one of {', '.join(PHASE_ORDER)}, got {phase!r}")
         if not self.enabled or not os.path.isfile(self.path):
             return 0
+        later = set(PHASE_ORDER[PHASE_ORDER.index(phase) + 1:])
+
+        def replayed(r: dict) -> bool:
+            if r.get("event") != "log":
+                return False
+            p = r.get("phase", "train")
+            return p in later or (p == phase and isinstance(r.get("step"), int) and r["step"] > step)
+
         records = read_metrics(self.path)
-        kept = [r for r in records
-                if not (r.get("event") == "log" and r.get("phase", "train") == "train"
-                        and isinstance(r.get("step"), int) and r["step"] > step)]
+        kept = [r for r in records if not replayed(r)]
         if len(kept) != len(records):
             atomic_write_text(self.path, "".join(map(_jsonl_line, kept)))
         return len(records) - len(kept)

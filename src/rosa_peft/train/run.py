@@ -42,7 +42,7 @@ from .methods import METHODS
 from .outputs import MetricsWriter, plot_loss
 from .recipes import LOSS_AVERAGES, RECIPE_OPTIONS, RECIPES, SCALED_OPTIONS, get_recipe
 from .schedule import ScheduleConfig
-from .trainer import MASKS_FILE, RosaTrainer
+from .trainer import MASKS_FILE, RosaTrainer, checkpoint_step, warmup_resume_point
 
 log = logging.getLogger("rosa_peft.train")
 
@@ -324,14 +324,26 @@ def _sampling_args(batch_size: int) -> dict:
 
 
 def last_checkpoint(run_dir: str) -> Optional[str]:
-    """The checkpoint ``--resume`` in ``run_dir`` starts from (the ``checkpoints/checkpoint-N`` with the
-    largest N); None if there is none."""
+    """The main-run checkpoint ``--resume`` in ``run_dir`` starts from (the ``checkpoints/checkpoint-N`` with
+    the largest N); None if there is none."""
     d = os.path.join(run_dir, CHECKPOINTS_DIR)
     return get_last_checkpoint(d) if os.path.isdir(d) else None
 
 
-def _checkpoint_step(ckpt: str) -> int:
-    return int(os.path.basename(ckpt).rsplit("-", 1)[1])
+def resume_point(run_dir: str) -> Optional[str]:
+    """What ``--resume`` in ``run_dir`` continues from: the last main-run checkpoint, else what a RoSA warm-up
+    left (``checkpoints/warmup/``: the chosen masks, or its last checkpoint); None if nothing."""
+    return last_checkpoint(run_dir) or warmup_resume_point(os.path.join(run_dir, CHECKPOINTS_DIR))
+
+
+def _truncate_metrics(metrics: MetricsWriter, point: str) -> None:
+    """Drop the log records the killed session wrote after ``point`` (the resumed one logs them again)."""
+    if os.path.isfile(point):  # the warm-up's masks: the whole warm-up stays, the main run starts over
+        metrics.resume_at(0, phase="train")
+    elif os.path.basename(os.path.dirname(os.path.normpath(point))) == CHECKPOINTS_DIR:
+        metrics.resume_at(checkpoint_step(point))
+    else:  # a warm-up checkpoint
+        metrics.resume_at(checkpoint_step(point), phase="warmup")
 
 
 def _resume_totals(ckpt: Optional[str]) -> Optional[dict]:
@@ -425,8 +437,9 @@ def run_training(opts: TrainOptions) -> dict:
     try:
         metrics = MetricsWriter(os.path.join(out, "metrics.jsonl"), append=opts.resume, enabled=main)
         resume_ckpt = last_checkpoint(out) if opts.resume else None
-        if resume_ckpt is not None:
-            metrics.resume_at(_checkpoint_step(resume_ckpt))
+        point = resume_point(out) if opts.resume else None
+        if point is not None:
+            _truncate_metrics(metrics, point)
         args = TrainingArguments(
             output_dir=os.path.join(out, CHECKPOINTS_DIR), per_device_train_batch_size=opts.batch_size,
             gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr, num_train_epochs=opts.epochs,

@@ -4,8 +4,15 @@
 the micro-batches that follow the warm-up, top-k] -> [restart: fresh LoRA init from the seed, a new
 optimizer and LR schedule, LoRA + sparse from step 0]. Checkpoints hold the adapter (safetensors +
 json), the masks and the schedule position, so ``train(resume_from_checkpoint=...)`` picks up the
-masks and continues the restarted run exactly; warm-up steps are never checkpointed (they are cheap
-and deterministic, and their LoRA weights are thrown away anyway).
+masks and continues the restarted run exactly.
+
+The warm-up is checkpointed too when the run saves (``save_strategy``), apart from the main run's
+checkpoints, in ``<output_dir>/warmup/checkpoint-N`` (LoRA weights, optimizer, LR schedule, RNG state;
+``get_last_checkpoint(output_dir)`` does not see them). Once the masks are chosen they are written to
+``<output_dir>/warmup/masks.safetensors`` and the warm-up checkpoints are deleted; the whole ``warmup``
+folder goes when the main run saves its first checkpoint. ``train(resume_from_checkpoint=True)`` on a run
+killed before that continues the warm-up where it stopped (or takes the saved masks) and reaches the
+same masks and weights as an uninterrupted run.
 
 Divergence stops the run where it happens: a NaN/inf loss (checked on every micro-batch, before the
 Trainer's ``logging_nan_inf_filter`` could replace it by the running mean) or gradient norm (checked
@@ -21,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from typing import Iterator, Optional
 
 import torch
@@ -40,6 +48,35 @@ log = logging.getLogger("rosa_peft.train")
 
 MASKS_FILE = "masks.safetensors"
 SCHEDULE_FILE = "rosa_schedule.json"
+WARMUP_DIR = "warmup"  # under the Trainer's output_dir: the warm-up's checkpoints, then the masks it led to
+
+
+def warmup_resume_point(output_dir: str) -> Optional[str]:
+    """What a RoSA run killed before its first main-run checkpoint continues from: the masks file the
+    finished warm-up and scoring left (``<output_dir>/warmup/masks.safetensors``), else the warm-up's last
+    ``checkpoint-N``; None if there is neither."""
+    d = os.path.join(output_dir, WARMUP_DIR)
+    if not os.path.isdir(d):
+        return None
+    if os.path.isfile(os.path.join(d, MASKS_FILE)):
+        return os.path.join(d, MASKS_FILE)
+    return get_last_checkpoint(d)
+
+
+def checkpoint_step(ckpt: str) -> int:
+    """N of a ``checkpoint-N`` folder."""
+    return int(os.path.basename(os.path.normpath(ckpt)).rsplit("-", 1)[1])
+
+
+def _is_warmup_checkpoint(path: str) -> bool:
+    """A checkpoint folder the warm-up wrote (its schedule file says phase ``warmup``), or a warm-up masks file."""
+    if os.path.isfile(path):
+        return os.path.basename(os.path.dirname(os.path.abspath(path))) == WARMUP_DIR
+    try:
+        with open(os.path.join(path, SCHEDULE_FILE), encoding="utf-8") as fh:
+            return json.load(fh).get("phase") == "warmup"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 DEAD_LOGS = 3  # logged steps in a row at loss >= DEAD_LOSS_FRACTION·ln|V| with grad_norm 0 before the warning
@@ -111,14 +148,14 @@ class _DivergenceCallback(TrainerCallback):
 
 
 class _PhaseCallback(TrainerCallback):
-    """Keeps warm-up steps out of checkpoints."""
+    """Deletes the warm-up's folder once the main run has a checkpoint of its own (which holds the masks)."""
 
     def __init__(self, trainer: "RosaTrainer"):
         self.trainer = trainer
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.phase == "warmup":
-            control.should_save = False
+    def on_save(self, args, state, control, **kwargs):
+        if self.trainer.phase == "train" and state.is_world_process_zero:
+            shutil.rmtree(os.path.join(args.output_dir, WARMUP_DIR), ignore_errors=True)
         return control
 
 
@@ -257,42 +294,69 @@ class RosaTrainer(Trainer):
             if not produced:
                 raise UserError("the training dataset is empty")
 
-    def obtain_masks(self) -> dict:
-        """Run the pre-training part of the schedule and install the masks; returns them."""
+    def obtain_masks(self, resume_warmup: Optional[str] = None) -> dict:
+        """Run the pre-training part of the schedule and install the masks; returns them. ``resume_warmup``:
+        a warm-up checkpoint to continue the warm-up from, or the masks file a finished warm-up left."""
 
         model: RosaModel = self.model
         sched = self.schedule
+        warmup_dir = os.path.join(self.args.output_dir, WARMUP_DIR)
         if sched.mode == "masks_file":
             self._enter_phase("masks", source=sched.masks_path)
             masks = load_masks(sched.masks_path)
+        elif resume_warmup is not None and os.path.isfile(resume_warmup):
+            self._enter_phase("masks", source=resume_warmup)
+            masks = load_masks(resume_warmup)
         else:
             init_adapter_weights(model, sched.seed)
-            if sched.warmup_steps > 0:
-                total = self.full_run_steps()
-                self._enter_phase("warmup", steps=sched.warmup_steps, lr_schedule_steps=total)
-                # the warm-up is a Trainer.train() of its own, cut short: args.max_steps is the only public
-                # way to set its length (create_scheduler keeps the full run's LR schedule meanwhile)
-                saved_max_steps = self.args.max_steps
-                self.args.max_steps = sched.warmup_steps
-                self._scheduler_total_steps = total
-                try:
-                    set_seed(self.args.seed)
-                    super().train()
-                finally:
-                    self.args.max_steps = saved_max_steps
-                    self._scheduler_total_steps = None
-                    self.optimizer = None
-                    self.lr_scheduler = None
-                    self._drop_wrappers()
+            finished = resume_warmup is not None and checkpoint_step(resume_warmup) >= sched.warmup_steps
+            if sched.warmup_steps > 0 and finished:
+                # the warm-up had finished (killed while scoring): its weights are all the scoring needs, and
+                # Trainer.train from a checkpoint at max_steps would still take one more step
+                self._enter_phase("warmup", steps=sched.warmup_steps, resumed_from=resume_warmup)
+                self._load_from_checkpoint(resume_warmup)
+            elif sched.warmup_steps > 0:
+                self._run_warmup(warmup_dir, resume_warmup)
             accum = self.args.gradient_accumulation_steps
             n = sched.mask_grad_steps * accum
             self._enter_phase("masks", criterion=sched.mask_criterion, micro_batches=n, budget=sched.mask_budget)
             batches = list(self._micro_batches(sched.warmup_steps * accum, n))
             masks = compute_masks(model, batches, criterion=sched.mask_criterion, budget=sched.mask_budget,
                                   seed=sched.seed, progress=not self.args.disable_tqdm)
+            if self._saves_checkpoints() and self.args.should_save:
+                # the warm-up's only product: a run killed before its first checkpoint resumes from here
+                os.makedirs(warmup_dir, exist_ok=True)
+                save_masks(masks, os.path.join(warmup_dir, MASKS_FILE))
+                for name in os.listdir(warmup_dir):
+                    if name.startswith("checkpoint-"):
+                        shutil.rmtree(os.path.join(warmup_dir, name), ignore_errors=True)
         model.set_masks(masks)
         init_adapter_weights(model, sched.seed)  # the restart: a fresh LoRA init from the same seed
         return masks
+
+    def _saves_checkpoints(self) -> bool:
+        return str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) != "no"
+
+    def _run_warmup(self, warmup_dir: str, resume_from: Optional[str]) -> None:
+        """The warm-up: a Trainer.train() of its own, cut short, checkpointing into ``warmup_dir``.
+        args.max_steps and args.output_dir are the only public ways to set its length and where its
+        checkpoints go (create_scheduler keeps the full run's LR schedule meanwhile)."""
+        sched = self.schedule
+        total = self.full_run_steps()
+        self._enter_phase("warmup", steps=sched.warmup_steps, lr_schedule_steps=total,
+                          **({"resumed_from": resume_from} if resume_from else {}))
+        saved = self.args.max_steps, self.args.output_dir
+        self.args.max_steps, self.args.output_dir = sched.warmup_steps, warmup_dir
+        self._scheduler_total_steps = total
+        try:
+            set_seed(self.args.seed)
+            super().train(resume_from_checkpoint=resume_from)
+        finally:
+            self.args.max_steps, self.args.output_dir = saved
+            self._scheduler_total_steps = None
+            self.optimizer = None
+            self.lr_scheduler = None
+            self._drop_wrappers()
 
     def _drop_wrappers(self) -> None:
         """Forget the warm-up's DDP wrapper and the accelerator's references to it: it was built over the
@@ -301,11 +365,18 @@ class RosaTrainer(Trainer):
         self.accelerator.free_memory()
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        ckpt = resume_from_checkpoint
+        """Trainer.train over the whole schedule. ``resume_from_checkpoint``: a main-run checkpoint, a warm-up
+        checkpoint (``<output_dir>/warmup/checkpoint-N``), or True for the newest of the main run's, else
+        what the warm-up left (see the module)."""
+        ckpt, warm = resume_from_checkpoint, None
         if isinstance(ckpt, bool):
             ckpt = get_last_checkpoint(self.args.output_dir) if ckpt else None
             if resume_from_checkpoint and ckpt is None:
-                raise UserError(f"no checkpoint found in {self.args.output_dir}")
+                warm = warmup_resume_point(self.args.output_dir)
+                if warm is None:
+                    raise UserError(f"no checkpoint found in {self.args.output_dir}")
+        elif ckpt is not None and _is_warmup_checkpoint(os.fspath(ckpt)):
+            ckpt, warm = None, os.fspath(ckpt)
         model = self.model
         if isinstance(model, RosaModel) and self.schedule.needs_masks and not model.get_masks():
             if ckpt and os.path.isfile(os.path.join(ckpt, MASKS_FILE)):
@@ -313,7 +384,7 @@ class RosaTrainer(Trainer):
                 self._enter_phase("masks", source=os.path.join(ckpt, MASKS_FILE))
                 model.set_masks(load_masks(os.path.join(ckpt, MASKS_FILE)))
             else:
-                self.obtain_masks()
+                self.obtain_masks(resume_warmup=warm)
         self._enter_phase("train", steps=self.full_run_steps(), resumed_from=ckpt or "-")
         set_seed(self.args.seed)
         return super().train(resume_from_checkpoint=ckpt, **kwargs)

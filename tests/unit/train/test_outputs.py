@@ -57,3 +57,17 @@ def test_resume_at_drops_only_the_train_logs_after_the_checkpoint(tmp_path):
     assert outputs.read_metrics(str(path))[-1]["resumed_from"] == "checkpoint-1"
     assert not [n for n in os.listdir(tmp_path) if n != "metrics.jsonl"]  # rewritten in place, no temporary left
     assert outputs.MetricsWriter(str(tmp_path / "none.jsonl"), enabled=False).resume_at(0) == 0
+
+
+def test_resume_at_a_warmup_step_drops_later_warmup_logs_and_the_whole_main_run(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = ([{"event": "phase", "phase": "warmup"}]
+               + [{"event": "log", "step": s, "loss": 1.0, "phase": "warmup"} for s in (1, 2, 3)]
+               + [{"event": "phase", "phase": "train"}]
+               + [{"event": "log", "step": s, "loss": 1.0 / s, "phase": "train"} for s in (1, 2)])
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    writer = outputs.MetricsWriter(str(path), append=True)
+    assert writer.resume_at(2, phase="warmup") == 3
+    assert outputs.read_metrics(str(path)) == records[:3] + [records[4]]  # phase events stay
+    with pytest.raises(ValueError, match="phase must be one of warmup, train"):
+        writer.resume_at(0, phase="masks")
