@@ -320,6 +320,14 @@ class RosaLayer(nn.Module):
                     mod[name].requires_grad_(on)
         self._active_adapter = names
 
+    def set_requires_grad(self, adapter_names: Union[str, list], requires_grad: bool = True) -> None:
+        """PEFT's: the named adapters' LoRA factors and sparse values (those this layer has) get ``requires_grad``."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            for mod in (self.lora_A, self.lora_B, self.rosa_spa):
+                if name in mod:
+                    mod[name].requires_grad_(requires_grad)
+
     def enable_adapters(self, enabled: bool) -> None:
         """PEFT's ``enable_adapters``: disabled layers run the base alone (a merged adapter is unmerged
         at the next forward)."""

@@ -283,21 +283,54 @@ class RosaModel(nn.Module):
     def active_peft_config(self) -> RosaConfig:
         return self.peft_config[self._active[0]]
 
-    def set_adapter(self, adapter_name: Union[str, list], inference_mode: bool = False) -> None:
-        """Activate one adapter, or several at once (their deltas add up). Active adapters are trainable
-        unless their config says ``inference_mode`` (or ``inference_mode=True`` is passed)."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    def _known_names(self, adapter_names: Union[str, list], verb: str) -> list[str]:
+        """``adapter_names`` (one name or several) as a non-empty list of existing adapters, else ValueError."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if not names:
-            raise ValueError("set_adapter needs at least one adapter name")
+            raise ValueError(f"{verb} needs at least one adapter name")
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"unknown adapter {name!r}; have {sorted(self.peft_config)}")
+        return names
+
+    def set_adapter(self, adapter_name: Union[str, list], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several at once (their deltas add up). Active adapters are trainable
+        unless their config says ``inference_mode`` (or ``inference_mode=True`` is passed)."""
+        names = self._known_names(adapter_name, "set_adapter")
         trainable = not inference_mode and not any(self.peft_config[n].inference_mode for n in names)
         self._active = names
         for _, layer in self.rosa_layers():
             layer.set_adapter([n for n in names if n in layer.rosa_spa] or names, trainable=trainable)
         for wrapper in modules_to_save_wrappers(self.model).values():
             wrapper.set_adapter(names, trainable=trainable)
+
+    def set_requires_grad(self, adapter_names: Union[str, list], requires_grad: bool = True) -> None:
+        """PEFT's ``set_requires_grad``: turn the gradients of the named adapters' LoRA factors, sparse values
+        and ``modules_to_save`` copies on or off, active or not; other adapters and the base are left as they
+        are. ``set_adapter`` and ``set_masks`` (which creates the sparse values) set the flags anew: the active
+        adapters trainable, unless in inference mode."""
+        names = self._known_names(adapter_names, "set_requires_grad")
+        for _, layer in self.rosa_layers():
+            layer.set_requires_grad(names, requires_grad)
+        for wrapper in modules_to_save_wrappers(self.model).values():
+            wrapper.set_requires_grad(names, requires_grad)
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """PEFT's: False inside ``disable_adapter()`` (and here also after ``disable_adapter_layers()``) or when
+        no adapter is active."""
+        return bool(self._active) and any(not layer.disable_adapters for _, layer in self.rosa_layers())
+
+    @property
+    def modules_to_save(self) -> Optional[set]:
+        """PEFT's: the names in every adapter's ``modules_to_save``, or None if there are none."""
+        names = {n for cfg in self.peft_config.values() for n in (cfg.modules_to_save or ())}
+        return names or None
+
+    @property
+    def base_model_torch_dtype(self) -> Optional[torch.dtype]:
+        """PEFT's: the wrapped model's ``dtype`` (None for a module without one)."""
+        return getattr(self.model, "dtype", None)
 
     def _refuse_merged_under_fsdp(self) -> None:
         """FSDP2 shards the base weights and gathers them again for backward, without the W0 + S that the

@@ -60,6 +60,13 @@ class ModulesToSaveWrapper(nn.Module):
         self.original_module.requires_grad_(False)
         self._active_adapters = names
 
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """PEFT's: the named adapters' copies (those that exist) get ``requires_grad``; the original never."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name in self.modules_to_save:
+                _set_trainable(self.modules_to_save[name], requires_grad)
+
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active_adapters)

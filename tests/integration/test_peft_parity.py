@@ -823,3 +823,48 @@ def test_unsupported_keywords_raise(s, tmp_path):
     model.save_pretrained(str(tmp_path / "c"))
     with pytest.raises((TypeError, ValueError), match="no_such_option"):
         s.from_pretrained(make_base(s.kind), tmp_path / "c", no_such_option=1)
+
+
+def _adapter_flags(model, adapter):
+    """{parameter name: requires_grad} of one adapter's parameters (LoRA, sparse, modules_to_save copies)."""
+    return {n: p.requires_grad for n, p in model.named_parameters() if is_adapter_key(n) and f".{adapter}." in f"{n}."}
+
+
+@matrix
+def test_set_requires_grad_and_adapter_properties(s):
+    model = s.wrap()
+    s.add(model)
+    base = {n for n, p in model.named_parameters() if not is_adapter_key(n)}
+    assert set(_adapter_flags(model, "default").values()) == {True}  # active: trainable
+    assert set(_adapter_flags(model, "other").values()) == {False}
+    model.set_requires_grad("other")
+    assert set(_adapter_flags(model, "other").values()) == {True}
+    assert set(_adapter_flags(model, "default").values()) == {True}
+    model.set_requires_grad(["default", "other"], requires_grad=False)
+    assert not any(p.requires_grad for _, p in model.named_parameters())
+    model.set_requires_grad("default")
+    assert set(_adapter_flags(model, "default").values()) == {True}
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n in base)
+
+    assert model.has_active_enabled_adapter is True
+    with model.disable_adapter():
+        assert model.has_active_enabled_adapter is False
+    assert model.has_active_enabled_adapter is True
+    assert model.modules_to_save == ({"lin1"} if has_modules_to_save(s) else None)
+    assert model.base_model_torch_dtype == getattr(inner(model), "dtype", None)
+
+
+def test_set_requires_grad_names_an_unknown_adapter_and_set_masks_sets_the_flags_anew():
+    from rosa_peft import RosaConfig, get_rosa_model
+
+    model = get_rosa_model(make_tiny_llama(0), RosaConfig(r=2, density=0.05, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        model.set_requires_grad(["default", "nope"])
+    model.set_requires_grad("default", requires_grad=False)
+    assert not any(p.requires_grad for _, p in model.named_parameters())
+    masks = {k: torch.rand(l.out_features, l.in_features) < 0.05 for k, l in model.rosa_layers()}
+    model.set_masks(masks)  # like set_adapter: the active adapter trainable again, its new sparse values too
+    assert all(l.rosa_spa["default"].values.requires_grad and l.lora_A["default"].weight.requires_grad
+               for _, l in model.rosa_layers())
+    model.set_requires_grad("default", requires_grad=False)
+    assert not any(l.rosa_spa["default"].values.requires_grad for _, l in model.rosa_layers())
