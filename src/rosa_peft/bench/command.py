@@ -13,6 +13,7 @@ import re
 import sys
 
 from ..options import DTYPES, add_deprecated_alias
+from ..utils.checks import UserError
 from . import methods as M
 from .ops import DEFAULT_DENSITIES
 from .shapes import PRESETS, resolve_preset
@@ -80,21 +81,21 @@ def _device(spec: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cpu" or re.fullmatch(r"cuda(:\d+)?", spec):
         if spec.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: CUDA is not available here (use --device cpu)")
+            raise UserError(f"--device {spec}: CUDA is not available here (use --device cpu)")
         return spec
-    raise ValueError(f"--device {spec!r}: use cpu, cuda, cuda:N or auto")
+    raise UserError(f"--device {spec!r}: use cpu, cuda, cuda:N or auto")
 
 
 def _positive(flag: str, value, minimum: int = 1) -> int:
     if value is None or value < minimum:
-        raise ValueError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+        raise UserError(f"{flag} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
 def _split(flag: str, text: str) -> list[str]:
     items = [s.strip() for s in (text or "").split(",") if s.strip()]
     if not items:
-        raise ValueError(f"{flag} is empty")
+        raise UserError(f"{flag} is empty")
     return items
 
 
@@ -104,9 +105,9 @@ def _densities(text: str) -> list[float]:
         try:
             d = float(item)
         except ValueError:
-            raise ValueError(f"--densities: {item!r} is not a number") from None
+            raise UserError(f"--densities: {item!r} is not a number") from None
         if not 0.0 < d < 1.0:
-            raise ValueError(f"--densities: {item} is outside (0, 1) (give fractions, e.g. 0.01 for 1%)")
+            raise UserError(f"--densities: {item} is outside (0, 1) (give fractions, e.g. 0.01 for 1%)")
         out.append(d)
     return out
 
@@ -119,7 +120,7 @@ def _op_shapes(specs: list[str], layers) -> list[tuple[int, int]]:
         if m:
             shape = (int(m.group(1)), int(m.group(2)))
             if min(shape) < 1:
-                raise ValueError(f"--shapes {spec!r}: dimensions must be positive")
+                raise UserError(f"--shapes {spec!r}: dimensions must be positive")
             cand = [shape]
         else:
             cand = [(o, i) for _, o, i in resolve_preset(spec, layers).linear_shapes()]
@@ -133,7 +134,7 @@ def _step_presets(specs: list[str], layers):
     presets = []
     for spec in specs:
         if _OP_SHAPE.match(spec):
-            raise ValueError(f"--shapes {spec!r}: the step suite needs a model preset ({', '.join(PRESETS)}) "
+            raise UserError(f"--shapes {spec!r}: the step suite needs a model preset ({', '.join(PRESETS)}) "
                              "or llama:HIDDEN:INTERMEDIATE:HEADS[:KV[:LAYERS]]; use --suite ops for bare shapes")
         presets.append(resolve_preset(spec, layers))
     return presets
@@ -145,7 +146,7 @@ def _methods(args) -> list[str]:
         methods += [m for m in M.QUANT_METHODS if m not in methods]
     for m in methods:
         if m not in M.ALL_METHODS:
-            raise ValueError(f"--methods: unknown method {m!r}; choose from {', '.join(M.ALL_METHODS)}")
+            raise UserError(f"--methods: unknown method {m!r}; choose from {', '.join(M.ALL_METHODS)}")
     return list(dict.fromkeys(methods))
 
 
@@ -154,11 +155,11 @@ def validate(args) -> dict:
     import torch
 
     if args.suite not in SUITES:
-        raise ValueError(f"--suite {args.suite!r}: choose {', '.join(SUITES)}")
+        raise UserError(f"--suite {args.suite!r}: choose {', '.join(SUITES)}")
     if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype {args.dtype!r}: choose {', '.join(DTYPES)}")
+        raise UserError(f"--dtype {args.dtype!r}: choose {', '.join(DTYPES)}")
     if args.memory not in ("subprocess", "none"):
-        raise ValueError(f"--memory {args.memory!r}: choose subprocess or none")
+        raise UserError(f"--memory {args.memory!r}: choose subprocess or none")
     _positive("--tokens", args.tokens)
     _positive("--repeats", args.repeats)
     _positive("--warmup", args.warmup, 0)
@@ -180,7 +181,7 @@ def validate(args) -> dict:
     }
     for m in cfg["profile"]:
         if m not in cfg["methods"]:
-            raise ValueError(f"--profile: {m!r} is not among the benchmarked methods ({', '.join(cfg['methods'])})")
+            raise UserError(f"--profile: {m!r} is not among the benchmarked methods ({', '.join(cfg['methods'])})")
     if run_step:
         for p in cfg["presets"]:  # rank checks against the real shapes, before any model is built
             M.Budget.for_shapes({n: (o, i) for n, o, i in p.linear_shapes()}, args.lora_rank, args.rosa_rank)

@@ -25,6 +25,7 @@ from .. import quant
 from ..config import RosaConfig
 from ..model import get_rosa_model
 from ..train.methods import METHODS
+from ..utils.checks import UserError
 from .shapes import LINEAR_NAMES, adapted_shapes
 
 STEP_METHODS = ("fft", "peft-lora", "peft-shira", "peft-supra", "lora", "spa", "rosa-merged", "rosa-sp_add")
@@ -103,12 +104,12 @@ class Budget:
     @classmethod
     def for_shapes(cls, shapes: dict, lora_rank: int = 16, rosa_rank: int = 8) -> "Budget":
         if lora_rank < 1:
-            raise ValueError(f"--budget-rank must be >= 1, got {lora_rank}")
+            raise UserError(f"--budget-rank must be >= 1, got {lora_rank}")
         if not 0 <= rosa_rank < lora_rank:
-            raise ValueError(f"--rosa-rank must be in [0, --budget-rank), got {rosa_rank} (lora rank {lora_rank})")
+            raise UserError(f"--rosa-rank must be in [0, --budget-rank), got {rosa_rank} (lora rank {lora_rank})")
         for name, (o, i) in shapes.items():
             if lora_rank > min(o, i):
-                raise ValueError(f"--budget-rank {lora_rank} exceeds min(out, in) = {min(o, i)} of {name}")
+                raise UserError(f"--budget-rank {lora_rank} exceeds min(out, in) = {min(o, i)} of {name}")
         b = cls(lora_rank, rosa_rank, dict(shapes), lora_rank * params_per_rank(shapes))
         b.rosa_density = b.rank_density("rosa")[1]
         b.spa_density = b.rank_density("spa")[1]
@@ -227,7 +228,7 @@ BUILDERS: dict[str, Callable] = {
 def build(method: str, base_factory: Callable[[], torch.nn.Module], budget: Budget):
     """A fresh base model wrapped by ``method``; returns (model, trainable parameters list)."""
     if method not in BUILDERS:
-        raise ValueError(f"--methods: unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
+        raise UserError(f"--methods: unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
     model = BUILDERS[method](base_factory(), budget)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params

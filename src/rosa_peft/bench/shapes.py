@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..utils.checks import UserError
+
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -56,12 +58,12 @@ def resolve_preset(spec: str, layers: int | None = None) -> ModelPreset:
     else:
         m = _CUSTOM.match(spec)
         if not m:
-            raise ValueError(f"--shapes {spec!r}: not a model preset ({', '.join(PRESETS)}) nor "
+            raise UserError(f"--shapes {spec!r}: not a model preset ({', '.join(PRESETS)}) nor "
                              "llama:HIDDEN:INTERMEDIATE:HEADS[:KV_HEADS[:LAYERS]]")
         h, i, heads = int(m.group(1)), int(m.group(2)), int(m.group(3))
         kv = int(m.group(4) or heads)
         if h % heads or heads % kv:
-            raise ValueError(f"--shapes {spec!r}: hidden must be divisible by heads and heads by kv heads")
+            raise UserError(f"--shapes {spec!r}: hidden must be divisible by heads and heads by kv heads")
         p = ModelPreset(spec, h, i, heads, kv, int(m.group(5) or 1))
     if layers is not None:
         p = ModelPreset(p.name, p.hidden, p.intermediate, p.heads, p.kv_heads, layers, p.vocab)

@@ -104,7 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _positive(name: str, value) -> None:
     if value is not None and value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
+        raise UserError(f"{name} must be a positive integer, got {value}")
 
 
 def _default_output(args, task: str, split: str) -> str:
@@ -114,14 +114,14 @@ def _default_output(args, task: str, split: str) -> str:
 
 def _check_output(path: str) -> None:
     if os.path.isdir(path):
-        raise ValueError(f"--output {path} is a directory; give a file name")
+        raise UserError(f"--output {path} is a directory; give a file name")
 
 
 def run_compare(args) -> int:
     from .compare import collect, markdown_table, plot
 
     if args.task or args.adapter:
-        raise ValueError("--compare takes run directories only (no --task / --adapter)")
+        raise UserError("--compare takes run directories only (no --task / --adapter)")
     rows = collect(args.compare)
     table = markdown_table(rows)
     png = args.plot
@@ -184,24 +184,24 @@ def run(args: argparse.Namespace) -> int:
         return run_compare(args)
     tasks = task_names(evaluable=True)
     if not args.task:
-        raise ValueError(f"--task is required (one of {', '.join(tasks)}), or use --compare RUN_DIR...")
+        raise UserError(f"--task is required (one of {', '.join(tasks)}), or use --compare RUN_DIR...")
     _positive("--eval-batch-size", args.eval_batch_size)
     _positive("--max-new-tokens", args.max_new_tokens)
     _positive("--limit", args.limit)
     _positive("--threads", args.threads)
     if args.max_seq_len < 2:
-        raise ValueError(f"--max-seq-len must be an integer >= 2, got {args.max_seq_len}")
+        raise UserError(f"--max-seq-len must be an integer >= 2, got {args.max_seq_len}")
     if args.adapter:
         check_adapter_dir(args.adapter)
     key = task_key(args.task)
     task_options = {}
     if key in TASKS and TASKS[key].needs_path:
         if not args.data:
-            raise ValueError(f"--task {key} needs --data PATH (the .jsonl file to evaluate)")
+            raise UserError(f"--task {key} needs --data PATH (the .jsonl file to evaluate)")
         task_options = dict(path=args.data, eval_path=args.data, prompt_field=args.prompt_field,
                             response_field=args.response_field)
     elif args.data:
-        raise ValueError(f"--data is for --task {_file_tasks()}; task {args.task!r} reads its files from --data-dir")
+        raise UserError(f"--data is for --task {_file_tasks()}; task {args.task!r} reads its files from --data-dir")
     stop = None if args.stop is None else [codecs.decode(s, "unicode_escape") for s in args.stop]
     options = dict(gsm8k_protocol=args.gsm8k_protocol, sql_paper_prompt=args.sql_paper_prompt,
                    sql_case_insensitive=not args.sql_case_sensitive, sql_timeout_s=args.sql_timeout,

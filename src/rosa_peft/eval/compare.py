@@ -19,7 +19,7 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 from ..train.methods import label_of
-from ..utils.checks import check_int, is_real
+from ..utils.checks import UserError, check_int, is_real
 from ..utils.io import read_json_object
 from ..utils.plots import finish, pyplot_or_none
 
@@ -36,7 +36,7 @@ def read_run(run_dir: str) -> List[dict]:
     config = read_json_object(config_path)
     missing = [k for k in RUN_KEYS if k not in config]
     if missing:
-        raise ValueError(f"{config_path}: missing key(s) {', '.join(missing)}")
+        raise UserError(f"{config_path}: missing key(s) {', '.join(missing)}")
     params = config["trainable_params"]
     check_int(f"{config_path}: key 'trainable_params'", params, minimum=0)
     reports = sorted(glob.glob(os.path.join(run_dir, "eval*.json")))
@@ -47,10 +47,10 @@ def read_run(run_dir: str) -> List[dict]:
         report = read_json_object(path)
         summary = report.get("summary")
         if report.get("format") != "rosa-eval/1" or not isinstance(summary, dict):
-            raise ValueError(f"{path}: not a rosa eval report (expected 'format': 'rosa-eval/1' and a 'summary')")
+            raise UserError(f"{path}: not a rosa eval report (expected 'format': 'rosa-eval/1' and a 'summary')")
         accuracy = summary.get("accuracy")
         if not is_real(accuracy):
-            raise ValueError(f"{path}: key 'summary.accuracy' must be a number")
+            raise UserError(f"{path}: key 'summary.accuracy' must be a number")
         rows.append({
             "run": os.path.basename(os.path.normpath(run_dir)), "run_dir": run_dir, "report": path,
             "method": str(config["method"]), "r": config["r"], "density": config["density"],
@@ -64,7 +64,7 @@ def read_run(run_dir: str) -> List[dict]:
 def collect(run_dirs: Sequence[str]) -> List[dict]:
     """All rows of all runs (every directory is checked before anything is rendered)."""
     if not run_dirs:
-        raise ValueError("--compare needs at least one run directory")
+        raise UserError("--compare needs at least one run directory")
     rows: List[dict] = []
     for run_dir in run_dirs:
         rows.extend(read_run(run_dir))

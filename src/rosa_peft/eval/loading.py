@@ -9,6 +9,7 @@ import os
 from typing import Optional
 
 from ..bases import QUANT_BACKENDS, QUANT_SCHEMES
+from ..utils.checks import UserError
 from ..utils.io import read_json_object
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -35,19 +36,19 @@ def _quantizer(quantize: Optional[str], backend: str):
     if quantize is None:
         return None
     if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"unknown --quantize {quantize!r}; choose from {', '.join(QUANTIZE_CHOICES)}")
+        raise UserError(f"unknown --quantize {quantize!r}; choose from {', '.join(QUANTIZE_CHOICES)}")
     import rosa_peft
 
     fn = getattr(rosa_peft, "quantize_model", None)
     if fn is None:
-        raise ValueError(f"--quantize {quantize} is not available: this rosa_peft build has no quantize_model")
+        raise UserError(f"--quantize {quantize} is not available: this rosa_peft build has no quantize_model")
     if backend not in QUANT_BACKENDS:
-        raise ValueError(f"unknown --quant-backend {backend!r}; choose from {', '.join(QUANT_BACKENDS)}")
+        raise UserError(f"unknown --quant-backend {backend!r}; choose from {', '.join(QUANT_BACKENDS)}")
     from .. import quant  # imports torch: only once a quantized load is asked for
 
     if not quant.backend_available(backend):
         pkg = QUANT_BACKENDS[backend].package
-        raise ValueError(f"--quantize {quantize} with --quant-backend {backend} needs the {pkg} package "
+        raise UserError(f"--quantize {quantize} with --quant-backend {backend} needs the {pkg} package "
                          f"(pip install {pkg}), which is not importable")
     return fn
 
@@ -97,7 +98,7 @@ def load_for_eval(model: Optional[str] = None, adapter: Optional[str] = None, dt
     adapter_path = check_adapter_dir(adapter) if adapter else None
     quantize_fn = _quantizer(quantize, quant_backend)
     if merge and adapter_path is None:
-        raise ValueError("--merge needs --adapter")
+        raise UserError("--merge needs --adapter")
     if merge is None:
         merge = default_merge(adapter_path, quantize)
     import torch

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 
 from ..tasks import Collator, build_dataset
+from ..utils.checks import UserError
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def response_loss(model, tokenizer, examples: Sequence, *, max_seq_len: int = 51
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dataset = build_dataset(list(examples), tokenizer, max_seq_len=max_seq_len)
     if len(dataset) == 0:
-        raise ValueError(f"every example is longer than max_seq_len={max_seq_len}")
+        raise UserError(f"every example is longer than max_seq_len={max_seq_len}")
     collate = Collator(tokenizer)
     device = next(p.device for p in model.parameters())
     was_training = model.training

@@ -18,7 +18,7 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 from ..tasks import get_task
-from ..utils.checks import check_int
+from ..utils.checks import UserError, check_int
 from ..utils.io import atomic_write_text
 from .generate import generate
 from .loss import response_loss
@@ -38,7 +38,7 @@ def load_examples(task, split: Optional[str] = None, limit: Optional[int] = None
         check_int("limit", limit, 1)
     examples = task_obj.load(split, limit=limit)
     if not examples:
-        raise ValueError(f"task {task_obj.name!r} split {split!r} has no examples")
+        raise UserError(f"task {task_obj.name!r} split {split!r} has no examples")
     return task_obj, split, examples
 
 

@@ -15,7 +15,7 @@ import yaml
 from ..tasks import task_names
 from ..train.methods import METHODS
 from ..train.run import TrainOptions
-from ..utils.checks import is_int, is_real
+from ..utils.checks import UserError, is_int, is_real
 
 TOP_KEYS = ("output_dir", "model", "data_dir", "tasks", "methods", "seeds", "train", "eval", "task_overrides",
             "checkpoint_steps")
@@ -29,8 +29,8 @@ TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainOptions) if f.name no
 _TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainOptions)}
 
 
-class StudyConfigError(ValueError):
-    """A bad study config; the message names the file and the key."""
+class StudyConfigError(UserError):
+    """A bad study config; the message names the file and the key (a :class:`UserError`, so a ``ValueError``)."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..targets import find_targets
 from .methods import METHODS, not_budgeted
+from ..utils.checks import UserError
 
 
 def budget_units(model: nn.Module, target_modules="all-linear", exclude_modules=None) -> tuple[int, int]:
@@ -27,7 +28,7 @@ def budget_units(model: nn.Module, target_modules="all-linear", exclude_modules=
 
 def check_rosa_lora_fraction(rosa_lora_fraction: float) -> None:
     if not (0.0 < rosa_lora_fraction < 1.0):
-        raise ValueError(f"rosa_lora_fraction must be in (0, 1), got {rosa_lora_fraction}")
+        raise UserError(f"rosa_lora_fraction must be in (0, 1), got {rosa_lora_fraction}")
 
 
 def resolve_budget(method: str, budget: int, per_rank: int, total: int,
@@ -36,7 +37,7 @@ def resolve_budget(method: str, budget: int, per_rank: int, total: int,
     check_rosa_lora_fraction(rosa_lora_fraction)
     lora_rank = round(budget / per_rank)
     if lora_rank < 1:
-        raise ValueError(f"budget {budget:,} is too small: one LoRA rank over the target layers costs {per_rank:,} "
+        raise UserError(f"budget {budget:,} is too small: one LoRA rank over the target layers costs {per_rank:,} "
                          f"parameters, so the smallest budget is {per_rank:,}")
     if method not in METHODS:
         raise not_budgeted(method)

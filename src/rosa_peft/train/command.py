@@ -14,6 +14,7 @@ import logging
 import yaml
 
 from ..options import add_dataclass_arguments, coerce_mapping, find_config, packaged_configs
+from ..utils.checks import UserError
 from .run import TrainOptions, is_main_process, run_training
 
 
@@ -31,14 +32,14 @@ def _read_config(path: str) -> dict:
         with open(path, encoding="utf-8") as fh:
             loaded = yaml.safe_load(fh) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+        raise UserError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values")
+        raise UserError(f"{path}: expected a mapping of option names to values")
     values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
     known = {f.name for f in dataclasses.fields(TrainOptions)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+        raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}")
     return coerce_mapping(TrainOptions, values, path)
 
 

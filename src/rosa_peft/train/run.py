@@ -35,7 +35,7 @@ from ..options import DTYPES, QUANT_BACKENDS, QUANTIZE, check_optional_dependenc
 from ..quant import quantize_model
 from ..tasks import Collator, build_dataset, get_task, task_names
 from ..utils import model_loading as models
-from ..utils.checks import is_int
+from ..utils.checks import UserError, is_int
 from ..utils.io import atomic_write_text, is_temp_name, read_json_object, remove_stale_temp_files
 from .budget import budget_units, check_rosa_lora_fraction, resolve_budget
 from .methods import METHODS
@@ -181,29 +181,29 @@ class TrainOptions:
             if value is None and name in RECIPE_OPTIONS + ("attn_implementation",):
                 continue  # filled from the recipe, or left to transformers
             if value not in choices:
-                raise ValueError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of {', '.join(choices)}")
+                raise UserError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of {', '.join(choices)}")
         for name in ("lr", "lora_lr", "max_grad_norm", "lr_warmup_steps", "warmup_steps", "save_steps",
                      "save_total_limit"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+                raise UserError(f"{name} must be >= 0, got {value}")
         for name in ("batch_size", "grad_accum", "max_seq_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise UserError(f"{name} must be >= 1")
         if self.dtype == "float16":
-            raise ValueError("--dtype float16 is not supported for training (fp16 weights train unstably without "
+            raise UserError("--dtype float16 is not supported for training (fp16 weights train unstably without "
                              "loss scaling); use --dtype bfloat16, or float32 with --bf16")
         if self.is_jsonl and not self.data:
-            raise ValueError("--task jsonl needs --data PATH (a .jsonl file with one JSON object per line)")
+            raise UserError("--task jsonl needs --data PATH (a .jsonl file with one JSON object per line)")
         if self.data and not self.is_jsonl:
-            raise ValueError(f"--data is for --task jsonl; task {self.task!r} reads its files from --data-dir")
+            raise UserError(f"--data is for --task jsonl; task {self.task!r} reads its files from --data-dir")
         method = METHODS[self.method]
         if not method.wraps_adapter:
             if self.quantize != "none":
-                raise ValueError(f"full fine-tuning ({self.method}) cannot train a quantized model")
+                raise UserError(f"full fine-tuning ({self.method}) cannot train a quantized model")
         elif self.budget is not None:
             if self.r is not None or self.density is not None:
-                raise ValueError("give either --budget or --r/--density, not both")
+                raise UserError("give either --budget or --r/--density, not both")
             check_rosa_lora_fraction(self.rosa_lora_fraction)
         else:
             method.resolve(self.r, self.density)
@@ -239,7 +239,7 @@ def validate(opts: TrainOptions):
     task = get_task(opts.task, data_dir=opts.data_dir, **kwargs)
     examples = task.load(opts.train_split or task.train_split, limit=opts.limit)
     if not examples:
-        raise ValueError(f"task {opts.task!r} has no training examples")
+        raise UserError(f"task {opts.task!r} has no training examples")
     return task, examples
 
 
@@ -427,7 +427,7 @@ def run_training(opts: TrainOptions) -> dict:
     # content-keyed: a rerun (or a study's next cell) on the same examples / tokenizer / max_seq_len reuses it
     train_ds = build_dataset(examples, tokenizer, max_seq_len=opts.max_seq_len, cache=True)
     if len(train_ds) == 0:
-        raise ValueError(f"every training example of {opts.task!r} is longer than max_seq_len={opts.max_seq_len}")
+        raise UserError(f"every training example of {opts.task!r} is longer than max_seq_len={opts.max_seq_len}")
 
     created = main and not os.path.isdir(out)
     if main:

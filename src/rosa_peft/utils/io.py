@@ -16,6 +16,8 @@ import tempfile
 import threading
 from typing import Iterator
 
+from .checks import UserError
+
 TEMP_PREFIX = ".tmp-"
 # mkstemp: prefix + 8 characters of [a-z0-9_] + suffix (the target's name): only these are ever swept
 _TEMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}.+", re.DOTALL)
@@ -195,9 +197,9 @@ def read_json_object(path: str) -> dict:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
+        raise UserError(f"{path}: must hold a JSON object")
     return data
 
 
@@ -224,16 +226,16 @@ def iter_jsonl(path: str | os.PathLike, limit: int | None = None) -> Iterator[tu
         for lineno, line in enumerate(handle, start=1):
             bad = _UNDECODABLE.search(line)
             if bad is not None:
-                raise ValueError(f"{path}, line {lineno}: not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} "
+                raise UserError(f"{path}, line {lineno}: not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} "
                                  f"at column {bad.start() + 1})")
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                raise UserError(f"{path}, line {lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
+                raise UserError(f"{path}, line {lineno}: expected a JSON object, got {type(record).__name__}")
             count += 1
             yield lineno, record
             if limit is not None and count >= limit:
