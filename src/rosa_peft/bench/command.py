@@ -18,6 +18,8 @@ from . import methods as M
 from .ops import DEFAULT_DENSITIES
 from .shapes import PRESETS, resolve_preset
 
+DEFAULT_REPEATS = 5  # ops / step suites: timed repeats per method / op
+DEFAULT_TRAIN_ROUNDS = 2  # --suite train: timed passes over every variant's micro-batches
 SUITES = ("ops", "step", "all", "eval", "train")  # eval / train: end-to-end SmolLM2 rows (bench/*_speed.py)
 DEFAULT_SHAPES = "llama2-7b,smollm2-135m"
 _OP_SHAPE = re.compile(r"^(\d+)x(\d+)$")
@@ -30,13 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "llama:HIDDEN:INTERMEDIATE:HEADS[:KV[:LAYERS]]); the op suite also takes OUTxIN")
     parser.add_argument("--methods", default=None,
                         help=f"step-level methods, comma list (default: {','.join(M.STEP_METHODS)}); "
-                             f"known: {','.join(M.ALL_METHODS)}")
+                             f"known: {','.join(M.ALL_METHODS)}. With --suite train: the variants to run "
+                             "(default: all; see docs/bench.md)")
     parser.add_argument("--quant", action="store_true",
                         help="add the 4-bit rows (PEFT QLoRA over bitsandbytes, QLoRA / QSpA / QRoSA over torchao NF4)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="base model / compute dtype")
     parser.add_argument("--tokens", type=int, default=512, metavar="N", help="tokens per step (batch 1)")
-    parser.add_argument("--repeats", type=int, default=5, metavar="N", help="timed repeats per method / op")
+    parser.add_argument("--repeats", type=int, default=None, metavar="N",
+                        help=f"timed repeats per method / op (default {DEFAULT_REPEATS}); with --suite train: "
+                             f"timed rounds, each a pass over all micro-batches (default {DEFAULT_TRAIN_ROUNDS})")
     parser.add_argument("--warmup", type=int, default=1, metavar="N", help="discarded warm-up rounds")
     parser.add_argument("--densities", default=",".join(str(d) for d in DEFAULT_DENSITIES),
                         help="op-level densities, comma list of fractions (0.1%%..3%%)")
@@ -161,7 +166,7 @@ def validate(args) -> dict:
     if args.memory not in ("subprocess", "none"):
         raise UserError(f"--memory {args.memory!r}: choose subprocess or none")
     _positive("--tokens", args.tokens)
-    _positive("--repeats", args.repeats)
+    repeats = _positive("--repeats", args.repeats) if args.repeats is not None else DEFAULT_REPEATS
     _positive("--warmup", args.warmup, 0)
     if args.layers is not None:
         _positive("--layers", args.layers)
@@ -171,7 +176,7 @@ def validate(args) -> dict:
     run_step = args.suite in ("step", "all") and not args.explain
     cfg = {
         "suite": args.suite, "device": _device(args.device), "dtype": args.dtype,
-        "torch_dtype": getattr(torch, args.dtype), "tokens": args.tokens, "repeats": args.repeats,
+        "torch_dtype": getattr(torch, args.dtype), "tokens": args.tokens, "repeats": repeats,
         "warmup": args.warmup, "threads": threads, "lora_rank": args.lora_rank, "rosa_rank": args.rosa_rank,
         "memory": args.memory, "densities": _densities(args.densities),
         "op_shapes": _op_shapes(shapes, args.layers) if run_ops else [],
@@ -204,7 +209,11 @@ def _run_speed(args) -> int:
     else:
         from .train_speed import run_train_speed
 
-        result = run_train_speed(data_dir=data_dir, threads=args.threads or _usable_cores(), progress=not args.no_progress)
+        threads = _positive("--threads", args.threads) if args.threads is not None else _usable_cores()
+        rounds = _positive("--repeats", args.repeats) if args.repeats is not None else DEFAULT_TRAIN_ROUNDS
+        variants = _split("--methods", args.methods) if args.methods else None
+        result = run_train_speed(data_dir=data_dir, threads=threads, rounds=rounds, variants=variants,
+                                 progress=not args.no_progress)
     stem = args.name or f"{args.suite}-speed"
     os.makedirs(args.output_dir, exist_ok=True)
     atomic_write_text(os.path.join(args.output_dir, f"{stem}.json"), json.dumps(result, indent=2, default=str) + "\n")

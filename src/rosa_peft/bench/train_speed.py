@@ -47,6 +47,7 @@ from ..masks import compute_masks
 from ..masks import select
 from ..model import get_rosa_model
 from ..tasks import Collator, build_dataset, get_task
+from ..utils.checks import UserError
 from ..utils.model_loading import load_model
 from .methods import have
 
@@ -222,9 +223,10 @@ def _resolve_variants(variants: Optional[Sequence[str]]) -> tuple[List[str], Dic
         return run, {v: _NEEDS_PEFT for v in VARIANTS if v not in run}
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
-        raise ValueError(f"variants must be a non-empty subset of {list(VARIANTS)}, got {list(variants)!r}")
+        raise UserError(f"train bench variants must be a non-empty subset of {', '.join(VARIANTS)}; "
+                        f"got {', '.join(map(str, variants)) or 'none'}")
     if any(VARIANTS[v]["code"] == "peft" for v in variants) and not have("peft"):
-        raise ValueError(f"the PEFT LoRA row {_NEEDS_PEFT}")
+        raise UserError(f"the PEFT LoRA row {_NEEDS_PEFT}")
     return list(variants), {}
 
 

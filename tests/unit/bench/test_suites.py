@@ -223,3 +223,27 @@ def test_speed_suites_write_a_row_file(tmp_path, monkeypatch):
         assert main(["bench", "--suite", suite, "--output-dir", str(tmp_path), "--no-progress"]) == 0
         assert needle in (tmp_path / f"{suite}-speed.md").read_text()
         assert (tmp_path / f"{suite}-speed.json").is_file()
+
+
+def test_train_suite_takes_variants_and_rounds_and_names_a_bad_variant(tmp_path, monkeypatch, capsys):
+    from rosa_peft.bench import train_speed
+    from rosa_peft.cli import main
+
+    calls = []
+
+    def fake(**kw):
+        calls.append(kw)
+        train_speed._resolve_variants(kw["variants"])  # the real validation, nothing built
+        return {"rows": [{"variant": "paper-b8", "s_per_example_train": 0.9}], "raw": {}}
+
+    monkeypatch.setattr(train_speed, "run_train_speed", fake)
+    argv = ["bench", "--suite", "train", "--output-dir", str(tmp_path), "--no-progress", "--threads", "1"]
+    assert main(argv + ["--methods", "paper-b8,bf16", "--repeats", "3"]) == 0
+    assert calls[-1]["variants"] == ["paper-b8", "bf16"] and calls[-1]["rounds"] == 3 and calls[-1]["threads"] == 1
+    assert main(argv) == 0
+    assert calls[-1]["variants"] is None and calls[-1]["rounds"] == 2  # defaults: every variant, two rounds
+    capsys.readouterr()
+    assert main(argv + ["--methods", "paper-b8,nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0] and "paper-b8-eager" in err[0]
+    assert main(argv + ["--repeats", "0"]) == 2
