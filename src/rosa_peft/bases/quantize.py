@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..layer import RosaLinear
+from ..utils.checks import UserError
 from . import QUANT_BACKENDS, QUANT_KINDS, backend_of_kind, register_loaded_backends, resolve_base_kind
 
 BACKENDS = tuple(QUANT_BACKENDS)
@@ -29,7 +30,7 @@ COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def _check_backend_name(backend: str) -> None:
     if backend not in QUANT_BACKENDS:
-        raise ValueError(f"unknown quantization backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise UserError(f"unknown quantization backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def backend_available(backend: str) -> bool:
@@ -98,12 +99,12 @@ def _quantizable(model: nn.Module, skip_modules) -> list[tuple[str, nn.Linear]]:
 def _validate_layer(name: str, m: nn.Linear, block_size: int) -> None:
     w = m.weight
     if type(w.data) is not torch.Tensor or w.dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"quantize_model: layer {name!r} has an unsupported weight dtype {w.dtype} "
+        raise UserError(f"quantize_model: layer {name!r} has an unsupported weight dtype {w.dtype} "
                          f"({type(w.data).__name__}); NF4 needs float32, bfloat16 or float16")
     if w.is_meta:
-        raise ValueError(f"quantize_model: layer {name!r} is on the meta device (load its weights first)")
+        raise UserError(f"quantize_model: layer {name!r} is on the meta device (load its weights first)")
     if m.in_features % block_size:
-        raise ValueError(f"quantize_model: layer {name!r} has in_features={m.in_features}, not divisible by the "
+        raise UserError(f"quantize_model: layer {name!r} has in_features={m.in_features}, not divisible by the "
                          f"quantization block size {block_size}; add it to skip_modules or change block_size")
 
 
@@ -126,19 +127,19 @@ def quantize_model(model: nn.Module, backend: str = "torchao", skip_modules: Ite
     """
     _check_backend_name(backend)
     if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"quantize_model: compute_dtype {compute_dtype} is unsupported; use bfloat16, float16 or float32")
+        raise UserError(f"quantize_model: compute_dtype {compute_dtype} is unsupported; use bfloat16, float16 or float32")
     if not isinstance(block_size, int) or block_size <= 0 or block_size % 2:
-        raise ValueError(f"quantize_model: block_size must be a positive even int, got {block_size!r}")
+        raise UserError(f"quantize_model: block_size must be a positive even int, got {block_size!r}")
     entry = QUANT_BACKENDS[backend]
     if entry.block_sizes is not None and block_size not in entry.block_sizes:
-        raise ValueError(f"quantize_model: {entry.package} supports block sizes {entry.block_sizes}, got {block_size}")
+        raise UserError(f"quantize_model: {entry.package} supports block sizes {entry.block_sizes}, got {block_size}")
     if isinstance(skip_modules, str):
         skip_modules = (skip_modules,)
     skip_modules = tuple(skip_modules or ())
     mod = _require(backend)
     wrapped = [n for n, m in model.named_modules() if isinstance(m, RosaLinear)]
     if wrapped:
-        raise ValueError(f"quantize_model: {wrapped[0]!r} already carries a RoSA adapter; quantize the base "
+        raise UserError(f"quantize_model: {wrapped[0]!r} already carries a RoSA adapter; quantize the base "
                          "model before get_rosa_model")
     layers = _quantizable(model, skip_modules)
     for name, m in layers:  # validate everything first: a bad layer leaves the model untouched

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Optional, Tuple, Union
 
+from ..utils.checks import UserError
+
 ENV_VAR = "ROSA_PEFT_DATA_DIR"
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -45,10 +47,10 @@ def get_field(record: dict, field: str, source: Any, lineno: int, kind: type = s
     """``record[field]``, checked to be of type ``kind``; errors name field, file and line."""
     if field not in record:
         keys = ", ".join(sorted(map(str, record))) or "none"
-        raise ValueError(f"{source}, line {lineno}: missing field {field!r} (fields present: {keys})")
+        raise UserError(f"{source}, line {lineno}: missing field {field!r} (fields present: {keys})")
     value = record[field]
     if not isinstance(value, kind):
-        raise ValueError(
+        raise UserError(
             f"{source}, line {lineno}: field {field!r} must be {kind.__name__}, got {type(value).__name__}"
         )
     return value

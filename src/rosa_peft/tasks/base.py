@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
-from ..utils.checks import check_int
+from ..utils.checks import UserError, check_int
 from ..utils.io import iter_jsonl
 from . import _files
 from .protocol import EvalProtocol
@@ -68,7 +68,7 @@ class Task:
         if split is None:
             return self.train_split
         if split not in self.splits:
-            raise ValueError(
+            raise UserError(
                 f"task {self.name!r} has no split {split!r}; available splits: {', '.join(self.splits)}"
             )
         return split

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence, Tuple
 
+from ..utils.checks import UserError
 from ._files import get_field
 from .base import Example, FileTask
 from .protocol import EvalProtocol
@@ -39,7 +40,7 @@ _GSM_IGNORE = (re.compile(r"(?s).*#### "), re.compile(r","), re.compile(r"\$"), 
 
 def _check_protocol(protocol: str) -> str:
     if protocol not in GSM8K_PROTOCOLS:
-        raise ValueError(f"unknown gsm8k protocol {protocol!r}; use one of {', '.join(GSM8K_PROTOCOLS)}")
+        raise UserError(f"unknown gsm8k protocol {protocol!r}; use one of {', '.join(GSM8K_PROTOCOLS)}")
     return protocol
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from ..utils.checks import check_int
+from ..utils.checks import UserError, check_int
 from ..utils.io import iter_jsonl
 from ._files import PathLike, get_field, resolve_data_dir
 from .base import Example, Task
@@ -59,10 +59,10 @@ class JsonlTask(Task):
                  prompt_field: str = "prompt", response_field: str = "response",
                  data_dir: Optional[PathLike] = None):
         if path is None:
-            raise ValueError("task 'jsonl' needs path=... (the .jsonl file with the training examples)")
+            raise UserError("task 'jsonl' needs path=... (the .jsonl file with the training examples)")
         for label, value in (("prompt_field", prompt_field), ("response_field", response_field)):
             if not isinstance(value, str) or not value:
-                raise ValueError(f"task 'jsonl': {label} must be a non-empty string, got {value!r}")
+                raise UserError(f"task 'jsonl': {label} must be a non-empty string, got {value!r}")
         self._data_dir = data_dir
         self.prompt_field = prompt_field
         self.response_field = response_field

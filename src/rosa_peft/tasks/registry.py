@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import Dict, List, Optional, Type
 
+from ..utils.checks import UserError
 from ._files import PathLike
 from .base import Task
 from .builtin import SQLSynthTask
@@ -68,7 +69,7 @@ def protocol_class(name: str) -> Type[EvalProtocol]:
     without a protocol (the message lists the evaluable tasks)."""
     cls = TASKS.get(task_key(name))
     if cls is None or cls.protocol is None:
-        raise ValueError(f"task {name!r} has no evaluation protocol; evaluable tasks: "
+        raise UserError(f"task {name!r} has no evaluation protocol; evaluable tasks: "
                          f"{', '.join(task_names(evaluable=True))}")
     return cls.protocol
 
@@ -82,7 +83,7 @@ def get_task(name: Optional[str] = None, data_dir: Optional[PathLike] = None, **
     """
     key = DEFAULT_TASK if name is None else task_key(name)
     if key not in TASKS:
-        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(TASKS)}")
+        raise UserError(f"unknown task {name!r}; available tasks: {', '.join(TASKS)}")
     cls = TASKS[key]
     init = cls.__init__
     params = {} if init is object.__init__ else inspect.signature(init).parameters
@@ -90,7 +91,7 @@ def get_task(name: Optional[str] = None, data_dir: Optional[PathLike] = None, **
     allowed = [p for p in params if p not in ("self", "data_dir")]
     unknown = [k for k in kwargs if k not in params and not takes_any]
     if unknown:
-        raise ValueError(f"task {key!r} got unknown option(s) {', '.join(unknown)}; "
+        raise UserError(f"task {key!r} got unknown option(s) {', '.join(unknown)}; "
                          f"it accepts: {', '.join(allowed) or 'none'}")
     if "data_dir" in params or takes_any:
         kwargs["data_dir"] = data_dir

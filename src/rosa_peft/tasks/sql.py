@@ -21,6 +21,7 @@ import json
 import re
 from typing import Dict, List, Optional, Sequence
 
+from ..utils.checks import UserError
 from ._files import get_field
 from .base import Example, FileTask
 from .protocol import EvalProtocol, mean
@@ -51,12 +52,12 @@ def parse_tables(text: str, source: str, lineno: int, field: str = "data_table")
     try:
         tables = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{where} is not valid JSON ({exc.msg})") from None
+        raise UserError(f"{where} is not valid JSON ({exc.msg})") from None
     if not isinstance(tables, dict) or not tables:
-        raise ValueError(f"{where} must map table names to lists of rows")
+        raise UserError(f"{where} must map table names to lists of rows")
     for table, rows in tables.items():
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-            raise ValueError(f"{where}: table {table!r} must be a list of row objects")
+            raise UserError(f"{where}: table {table!r} must be a list of row objects")
     return tables
 
 
@@ -158,12 +159,12 @@ class SQLTask(FileTask):
     def _convert_messages(record: dict, source: str, lineno: int) -> Example:
         messages = get_field(record, "messages", source, lineno, list)
         if len(messages) < 2 or not all(isinstance(m, dict) for m in messages[:2]):
-            raise ValueError(f"{source}, line {lineno}: field 'messages' must hold a user and an assistant message")
+            raise UserError(f"{source}, line {lineno}: field 'messages' must hold a user and an assistant message")
         user = get_field(messages[0], "content", source, lineno)
         sql = get_field(messages[1], "content", source, lineno)
         match = _USER_RE.match(user)
         if match is None:
-            raise ValueError(
+            raise UserError(
                 f"{source}, line {lineno}: field 'messages[0].content' does not follow the "
                 f"'{INSTRUCTION} context: ... question: ...' format"
             )

@@ -46,7 +46,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from ..utils.checks import check_int, is_real
+from ..utils.checks import UserError, check_int, is_real
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -90,7 +90,7 @@ class QueryRefused(Exception):
 def check_timeout(timeout_s: Any) -> float:
     """``timeout_s`` as a float; ValueError unless it is a finite number of seconds above 0."""
     if not is_real(timeout_s) or timeout_s <= 0:
-        raise ValueError(f"sql_timeout must be a finite number of seconds above 0, got {timeout_s!r}")
+        raise UserError(f"sql_timeout must be a finite number of seconds above 0, got {timeout_s!r}")
     return float(timeout_s)
 
 
@@ -252,7 +252,7 @@ def build_database(tables: Mapping[str, Rows], context: Optional[str] = None,
     """
     timeout_s = check_timeout(timeout_s)
     if not isinstance(tables, Mapping) or not tables:
-        raise ValueError("tables must map table names to lists of row dicts")
+        raise UserError("tables must map table names to lists of row dicts")
     declared = _declared_types(context, timeout_s)
     conn = connect()
     try:
@@ -271,7 +271,7 @@ def _fill(conn: sqlite3.Connection, tables: Mapping[str, Rows], declared: dict, 
             columns.append(name)
         for row in rows:
             if not isinstance(row, Mapping):
-                raise ValueError(f"table {table!r}: every row must be a dict, got {type(row).__name__}")
+                raise UserError(f"table {table!r}: every row must be a dict, got {type(row).__name__}")
             for column in row:
                 if str(column).lower() not in {c.lower() for c in columns}:
                     columns.append(str(column))
@@ -288,7 +288,7 @@ def _fill(conn: sqlite3.Connection, tables: Mapping[str, Rows], declared: dict, 
                     conn.execute(f"INSERT INTO {_quote(table)} ({', '.join(_quote(k) for k in keys)}) "
                                  f"VALUES ({', '.join('?' for _ in keys)})", [_cell(row[k]) for k in keys])
                 except sqlite3.DataError as exc:
-                    raise ValueError(f"table {table!r}, row {number}: {exc} (a value may hold at most "
+                    raise UserError(f"table {table!r}, row {number}: {exc} (a value may hold at most "
                                      f"{MAX_VALUE_BYTES} bytes)") from None
     conn.commit()
 

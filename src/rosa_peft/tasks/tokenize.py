@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset
 
-from ..utils.checks import check_int
+from ..utils.checks import UserError, check_int
 from ..utils.io import atomic_save_safetensors
 from ..utils.model_loading import cache_dir
 from .base import Example, Task, check_limit
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 def _eos_id(tokenizer) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
-        raise ValueError("tokenizer has no eos_token_id; set tokenizer.eos_token before encoding")
+        raise UserError("tokenizer has no eos_token_id; set tokenizer.eos_token before encoding")
     return int(eos)
 
 
@@ -54,9 +54,9 @@ def _fields(example: Union[Example, Mapping[str, Any]]):
     if isinstance(example, Mapping):
         for key in ("prompt", "response"):
             if not isinstance(example.get(key), str):
-                raise ValueError(f"example is missing a string {key!r} field: {dict(example)!r:.200}")
+                raise UserError(f"example is missing a string {key!r} field: {dict(example)!r:.200}")
         return example["prompt"], example["response"]
-    raise ValueError(f"expected an Example or a mapping with prompt/response, got {type(example).__name__}")
+    raise UserError(f"expected an Example or a mapping with prompt/response, got {type(example).__name__}")
 
 
 def encode_example(tokenizer, example: Union[Example, Mapping[str, Any]],
@@ -157,7 +157,7 @@ def build_dataset(task_or_examples: Union[Task, str, Iterable[Example]], tokeniz
         logger.warning("%s: dropped %d of %d examples (prompt >= %d tokens); truncated %d responses",
                        source, n_dropped, len(examples), max_seq_len, n_truncated)
     if examples and not features:
-        raise ValueError(f"{source}: all {len(examples)} examples were dropped because their prompt has "
+        raise UserError(f"{source}: all {len(examples)} examples were dropped because their prompt has "
                          f">= max_seq_len={max_seq_len} tokens; raise max_seq_len")
     return EncodedDataset(features, len(examples), n_dropped, n_truncated, kept)
 
