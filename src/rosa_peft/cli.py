@@ -99,11 +99,10 @@ def user_error_message(exc: BaseException) -> str | None:
 # Modules that validate user input but still raise plain ValueError for it (they predate UserError):
 # a ValueError raised *inside* one of them (or a submodule) is reported like a UserError. A module leaves
 # this list once its input checks raise UserError (the applications -- train, eval, bench, study, demo,
-# options, utils.io -- and tasks and bases have left it: a plain ValueError from them is a bug and keeps
-# its traceback). Each name must import (tests/unit/test_cli.py checks).
+# options, utils.io -- and tasks, bases and masks have left it: a plain ValueError from them is a bug and
+# keeps its traceback). Each name must import (tests/unit/test_cli.py checks).
 INPUT_VALIDATION_MODULES = (
     "rosa_peft.model",  # adapter files: unreadable safetensors, tensors that do not fit, another base model
-    "rosa_peft.masks",  # load_masks: a bad --masks file
 )
 
 

@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
-from ..utils.checks import check_int
+from ..utils.checks import UserError, check_int
 from ..utils.device import model_device
 from .collector import GradientCollector, distributed_world, named_rosa_layers
 from .criteria import Criterion, get_criterion
@@ -47,7 +47,7 @@ def _loss_of(model, batch, loss_fn, index: int) -> torch.Tensor:
         raise ValueError(f"micro-batch {index}: the loss must be a scalar tensor, got "
                          f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
     if not bool(torch.isfinite(loss.detach()).all()):
-        raise ValueError(f"micro-batch {index}: the loss is not finite ({float(loss)})")
+        raise UserError(f"micro-batch {index}: the loss is not finite ({float(loss)})")
     return loss.reshape(())
 
 
@@ -99,7 +99,7 @@ def _score_pass(model, collector, batches, num_batches, loss_fn, seed, bar) -> i
             torch.autograd.grad(loss, collector.taps(), allow_unused=True)
             collector.flush()
         if collector.num_batches == before:
-            raise ValueError(f"micro-batch {count}: the loss does not depend on any scored RoSA layer "
+            raise UserError(f"micro-batch {count}: the loss does not depend on any scored RoSA layer "
                              f"(e.g. {next(iter(collector.layers))!r})")
         count += 1
         bar.update(1)
@@ -161,7 +161,7 @@ def _selector(layers: dict, adapter: str, density, budget: str) -> Selector:
     densities = resolve_densities(density, list(layers))
     selector = Selector({n: (l.out_features, l.in_features) for n, l in layers.items()}, densities, budget)
     if not selector.needs_scores or (budget == "global" and selector.total == 0):
-        raise ValueError("the densities select no weight entry in any layer (set RosaConfig(density=...) or pass density=)")
+        raise UserError("the densities select no weight entry in any layer (set RosaConfig(density=...) or pass density=)")
     return selector
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..sparse import mask_to_csr
-from ..utils.checks import is_int
+from ..utils.checks import UserError, is_int
 from ..utils.io import atomic_save_safetensors
 
 _FORMAT_KEY = "rosa_peft_masks"
@@ -56,26 +56,26 @@ def _csr_masks(path: str, tensors: dict, metadata: dict, order: list) -> dict[st
     except ValueError:
         shapes = None
     if not isinstance(shapes, dict) or sorted(shapes) != sorted(order):
-        raise ValueError(f"masks file {path!r}: its 'shapes' metadata does not list the stored masks")
+        raise UserError(f"masks file {path!r}: its 'shapes' metadata does not list the stored masks")
     out = {}
     for name in order:
         shape = shapes[name]
         if (not isinstance(shape, list) or len(shape) != 2
                 or not all(is_int(n) and n >= 0 for n in shape)):
-            raise ValueError(f"masks file {path!r}: mask {name!r} has no valid (out, in) shape in the metadata")
+            raise UserError(f"masks file {path!r}: mask {name!r} has no valid (out, in) shape in the metadata")
         n_out, n_in = shape
         rows, cols = tensors[name + _ROWS], tensors[name + _COLS]
         if rows.dtype != torch.int32 or cols.dtype not in (torch.int16, torch.int32) or rows.dim() != 1 or cols.dim() != 1:
-            raise ValueError(f"masks file {path!r}: mask {name!r} is not int32 row offsets + int16/int32 column indices")
+            raise UserError(f"masks file {path!r}: mask {name!r} is not int32 row offsets + int16/int32 column indices")
         rows, cols = rows.to(torch.int64), cols.to(torch.int64)
         counts = rows.diff()
         if (rows.numel() != n_out + 1 or int(rows[0]) != 0 or int(rows[-1]) != cols.numel()
                 or bool((counts < 0).any())):
-            raise ValueError(f"masks file {path!r}: mask {name!r} has inconsistent row offsets for shape {tuple(shape)}")
+            raise UserError(f"masks file {path!r}: mask {name!r} has inconsistent row offsets for shape {tuple(shape)}")
         row_of = torch.repeat_interleave(torch.arange(n_out), counts)
         flat = row_of * n_in + cols
         if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= n_in or bool((flat.diff() <= 0).any())):
-            raise ValueError(f"masks file {path!r}: mask {name!r} has column indices out of range, unsorted or repeated")
+            raise UserError(f"masks file {path!r}: mask {name!r} has column indices out of range, unsorted or repeated")
         mask = torch.zeros(n_out * n_in, dtype=torch.bool)
         mask[flat] = True
         out[name] = mask.view(n_out, n_in)
@@ -93,17 +93,17 @@ def load_masks(path: str) -> dict[str, torch.Tensor]:
             metadata = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"masks file {path!r} is not a readable safetensors file: {exc}") from exc
+        raise UserError(f"masks file {path!r} is not a readable safetensors file: {exc}") from exc
     tag = metadata.get(_FORMAT_KEY)
     if tag is not None and tag not in (_DENSE_FORMAT, _CSR_FORMAT):
-        raise ValueError(f"masks file {path!r} has format version {tag!r}; this rosa-peft reads "
+        raise UserError(f"masks file {path!r} has format version {tag!r}; this rosa-peft reads "
                          f"{_DENSE_FORMAT!r} and {_CSR_FORMAT!r}")
     if not tensors:
-        raise ValueError(f"masks file {path!r} holds no masks")
+        raise UserError(f"masks file {path!r} holds no masks")
     if tag == _CSR_FORMAT:
         stored = [k[: -len(_ROWS)] for k in tensors if k.endswith(_ROWS)]
         if sorted(tensors) != sorted([n + _ROWS for n in stored] + [n + _COLS for n in stored]):
-            raise ValueError(f"masks file {path!r}: every mask needs exactly a '.row_offsets' and a "
+            raise UserError(f"masks file {path!r}: every mask needs exactly a '.row_offsets' and a "
                              "'.col_indices' tensor")
     else:
         stored = list(tensors)
@@ -114,15 +114,15 @@ def load_masks(path: str) -> dict[str, torch.Tensor]:
         except ValueError:
             order = None
         if not isinstance(order, list) or sorted(order) != sorted(stored):
-            raise ValueError(f"masks file {path!r}: its 'order' metadata does not list the stored masks")
+            raise UserError(f"masks file {path!r}: its 'order' metadata does not list the stored masks")
     if tag == _CSR_FORMAT:
         return _csr_masks(path, tensors, metadata, order)
     out = {}
     for name in order:
         t = tensors[name]
         if t.dtype not in (torch.uint8, torch.bool):
-            raise ValueError(f"masks file {path!r}: tensor {name!r} has dtype {t.dtype}, not a mask (uint8 0/1)")
+            raise UserError(f"masks file {path!r}: tensor {name!r} has dtype {t.dtype}, not a mask (uint8 0/1)")
         if t.dtype == torch.uint8 and t.numel() and int(t.max()) > 1:
-            raise ValueError(f"masks file {path!r}: tensor {name!r} holds values other than 0 and 1")
+            raise UserError(f"masks file {path!r}: tensor {name!r} holds values other than 0 and 1")
         out[name] = t.to(torch.bool)
     return out

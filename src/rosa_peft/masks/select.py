@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..utils.checks import check_fraction
+from ..utils.checks import UserError, check_fraction
 
 BUDGETS = ("per_layer", "global")
 _DIGIT = 16
@@ -104,7 +104,7 @@ def check_scores(name: str, s) -> torch.Tensor:
         raise ValueError(f"scores[{name!r}] must be a floating-point tensor, got {type(s).__name__}"
                          f"{'' if not isinstance(s, torch.Tensor) else ' of ' + str(s.dtype)}")
     if bool(torch.isnan(s).any()):
-        raise ValueError(f"scores[{name!r}] contain NaN (did the loss diverge?)")
+        raise UserError(f"scores[{name!r}] contain NaN (did the loss diverge?)")
     return s
 
 
