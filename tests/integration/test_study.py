@@ -299,16 +299,14 @@ def test_shipped_full_scale_study_configs(name, task, train_limit, eval_limit):
         assert mid == centre and low == pytest.approx(centre / 3, rel=0.05) and high == pytest.approx(centre * 3, rel=0.05)
 
 
-def test_checkpointed_cell_continues_after_a_kill_and_matches_an_uninterrupted_one(tmp_path, tiny_base, monkeypatch,
-                                                                                 capsys):
-    from safetensors.torch import load_file
-
+def _plain_and_killed_rosa_cell(tmp_path, tiny_base, monkeypatch, train_over: dict, phase: str, step: int):
+    """One RoSA cell (seed 0) trained uninterrupted into ``tmp_path / "plain"``, and the same cell with
+    ``checkpoint_steps: 1`` killed right after logging ``step`` of ``phase`` (so that step's checkpoint is
+    never written). Returns (the killed study's config, its output directory)."""
     from rosa_peft.train import outputs
-    from rosa_peft.train import run as train_run
 
     methods = [{"method": "rosa", "r": 2, "density": 0.05}]
-    train = {**TRAIN, "max_steps": 3, "lora_dropout": 0.0}
-    name = "sql-synth-rosa-r2-d0.05-s0"
+    train = {**TRAIN, **train_over, "lora_dropout": 0.0}
     plain = write_config(tmp_path / "plain.yaml", tmp_path / "plain", tiny_base, methods=methods, seeds=[0],
                          train=train)
     assert rosa_study(plain, "--no-progress", "--in-process") == 0
@@ -318,15 +316,27 @@ def test_checkpointed_cell_continues_after_a_kill_and_matches_an_uninterrupted_o
                        checkpoint_steps=1)
     real_on_log = outputs.MetricsWriter.on_log
 
-    def kill_after_logging_step_2(self, args, state, control, logs=None, **kw):  # checkpoint-2 is never written
+    def kill_after_logging(self, args, state, control, logs=None, **kw):
         real_on_log(self, args, state, control, logs=logs, **kw)
-        if logs and logs.get("phase") == "train" and state.global_step == 2:
+        if logs and logs.get("phase") == phase and state.global_step == step:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(outputs.MetricsWriter, "on_log", kill_after_logging_step_2)
+    monkeypatch.setattr(outputs.MetricsWriter, "on_log", kill_after_logging)
     with pytest.raises(KeyboardInterrupt):
         rosa_study(cfg, "--no-progress", "--in-process")
     monkeypatch.undo()
+    return cfg, out
+
+
+def test_checkpointed_cell_continues_after_a_kill_and_matches_an_uninterrupted_one(tmp_path, tiny_base, monkeypatch,
+                                                                                 capsys):
+    from safetensors.torch import load_file
+
+    from rosa_peft.train import outputs
+    from rosa_peft.train import run as train_run
+
+    name = "sql-synth-rosa-r2-d0.05-s0"
+    cfg, out = _plain_and_killed_rosa_cell(tmp_path, tiny_base, monkeypatch, {"max_steps": 3}, "train", 2)
     cell = out / "cells" / name
     partial = out / "cells" / f"{name}.partial.json"
     assert not (cell / "cell.json").exists() and partial.is_file()
@@ -370,27 +380,9 @@ def test_cell_killed_in_its_warmup_continues_the_warmup(tmp_path, tiny_base, mon
 
     from rosa_peft.train import outputs
 
-    methods = [{"method": "rosa", "r": 2, "density": 0.05}]
-    train = {**TRAIN, "max_steps": 2, "warmup_steps": 3, "lora_dropout": 0.0}
     name = "sql-synth-rosa-r2-d0.05-s0"
-    plain = write_config(tmp_path / "plain.yaml", tmp_path / "plain", tiny_base, methods=methods, seeds=[0],
-                         train=train)
-    assert rosa_study(plain, "--no-progress", "--in-process") == 0
-
-    out = tmp_path / "ckpt"
-    cfg = write_config(tmp_path / "s.yaml", out, tiny_base, methods=methods, seeds=[0], train=train,
-                       checkpoint_steps=1)
-    real_on_log = outputs.MetricsWriter.on_log
-
-    def kill_after_logging_warmup_step_2(self, args, state, control, logs=None, **kw):  # before its checkpoint
-        real_on_log(self, args, state, control, logs=logs, **kw)
-        if logs and logs.get("phase") == "warmup" and state.global_step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(outputs.MetricsWriter, "on_log", kill_after_logging_warmup_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        rosa_study(cfg, "--no-progress", "--in-process")
-    monkeypatch.undo()
+    cfg, out = _plain_and_killed_rosa_cell(tmp_path, tiny_base, monkeypatch, {"max_steps": 2, "warmup_steps": 3},
+                                           "warmup", 2)
     cell = out / "cells" / name
     assert sorted(os.listdir(cell / "checkpoints" / "warmup")) == ["checkpoint-1"]
     capsys.readouterr()

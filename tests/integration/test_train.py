@@ -98,6 +98,15 @@ def test_lr_schedule_of_warmup_matches_full_run(tmp_path):
     assert lrs["warmup"] == lrs["train"][:3]
 
 
+def _assert_same_run(a, b):
+    ma, mb = a.get_masks(), b.get_masks()
+    assert list(ma) == list(mb) and all(torch.equal(ma[n], mb[n]) for n in ma)
+    fa, fb = a.adapter_state_dict(), b.adapter_state_dict()
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]), k
+
+
 class _StopAfter(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -124,12 +133,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
                  listener=lambda p, info: phases.append(p))
     t.train(resume_from_checkpoint=str(ckpt))
     assert phases == ["masks", "train"]  # masks came from the checkpoint: no warm-up, no scoring
-    ma, mb = full.get_masks(), resumed.get_masks()
-    assert list(ma) == list(mb) and all(torch.equal(ma[n], mb[n]) for n in ma)
-    fa, fb = full.adapter_state_dict(), resumed.adapter_state_dict()
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        assert torch.equal(fa[k], fb[k]), k
+    _assert_same_run(full, resumed)
 
 
 class _Killed(Exception):
@@ -145,15 +149,6 @@ class _KillInWarmup(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         if self.trainer.phase == "warmup" and state.global_step == self.step:
             raise _Killed
-
-
-def _assert_same_run(a, b):
-    ma, mb = a.get_masks(), b.get_masks()
-    assert list(ma) == list(mb) and all(torch.equal(ma[n], mb[n]) for n in ma)
-    fa, fb = a.adapter_state_dict(), b.adapter_state_dict()
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        assert torch.equal(fa[k], fb[k]), k
 
 
 @pytest.mark.parametrize("how", ["true", "path"])
@@ -187,17 +182,24 @@ def test_kill_in_warmup_resumes_the_warmup_and_matches_uninterrupted(tmp_path, h
         "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
 
 
-def test_kill_while_scoring_takes_the_finished_warmup_without_another_step(tmp_path):
-    sched = lambda: ScheduleConfig(mode="rosa", warmup_steps=4, seed=5)  # noqa: E731
+def _full_and_killed_at_phase(tmp_path, sched, max_steps: int, phase: str):
+    """An uninterrupted run (returned) and one saving every 2 steps into ``tmp_path / "b"``, killed as it
+    enters ``phase`` of the schedule (``masks``: after the warm-up; ``train``: after the scoring)."""
     full = _rosa()
-    _trainer(tmp_path / "a", full, max_steps=8, schedule=sched()).train()
+    _trainer(tmp_path / "a", full, max_steps=max_steps, schedule=sched()).train()
 
-    def die_at_scoring(phase, info):
-        if phase == "masks":
+    def die(entered, info):
+        if entered == phase:
             raise _Killed
 
     with pytest.raises(_Killed):
-        _trainer(tmp_path / "b", _rosa(), max_steps=8, schedule=sched(), save_steps=2, listener=die_at_scoring).train()
+        _trainer(tmp_path / "b", _rosa(), max_steps=max_steps, schedule=sched(), save_steps=2, listener=die).train()
+    return full
+
+
+def test_kill_while_scoring_takes_the_finished_warmup_without_another_step(tmp_path):
+    sched = lambda: ScheduleConfig(mode="rosa", warmup_steps=4, seed=5)  # noqa: E731
+    full = _full_and_killed_at_phase(tmp_path, sched, max_steps=8, phase="masks")
     warm = tmp_path / "b" / "ckpt" / "warmup"
     assert sorted(os.listdir(warm)) == ["checkpoint-2", "checkpoint-4"] and not (warm / "masks.safetensors").exists()
 
@@ -216,15 +218,7 @@ def test_kill_while_scoring_takes_the_finished_warmup_without_another_step(tmp_p
 
 def test_kill_after_scoring_resumes_from_the_saved_masks(tmp_path):
     sched = lambda: ScheduleConfig(mode="rosa", warmup_steps=3, seed=5)  # noqa: E731
-    full = _rosa()
-    _trainer(tmp_path / "a", full, max_steps=6, schedule=sched()).train()
-
-    def die_at_train(phase, info):
-        if phase == "train":
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        _trainer(tmp_path / "b", _rosa(), max_steps=6, schedule=sched(), save_steps=2, listener=die_at_train).train()
+    full = _full_and_killed_at_phase(tmp_path, sched, max_steps=6, phase="train")
     warm = tmp_path / "b" / "ckpt" / "warmup"
     assert os.listdir(warm) == ["masks.safetensors"]  # the warm-up's checkpoints went once the masks were saved
 

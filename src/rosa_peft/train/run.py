@@ -42,7 +42,7 @@ from .methods import METHODS
 from .outputs import MetricsWriter, plot_loss
 from .recipes import LOSS_AVERAGES, RECIPE_OPTIONS, RECIPES, SCALED_OPTIONS, get_recipe
 from .schedule import ScheduleConfig
-from .trainer import MASKS_FILE, RosaTrainer, checkpoint_step, warmup_resume_point
+from .trainer import MASKS_FILE, RosaTrainer, checkpoint_step, is_warmup_checkpoint, warmup_resume_point
 
 log = logging.getLogger("rosa_peft.train")
 
@@ -340,10 +340,10 @@ def _truncate_metrics(metrics: MetricsWriter, point: str) -> None:
     """Drop the log records the killed session wrote after ``point`` (the resumed one logs them again)."""
     if os.path.isfile(point):  # the warm-up's masks: the whole warm-up stays, the main run starts over
         metrics.resume_at(0, phase="train")
-    elif os.path.basename(os.path.dirname(os.path.normpath(point))) == CHECKPOINTS_DIR:
-        metrics.resume_at(checkpoint_step(point))
-    else:  # a warm-up checkpoint
+    elif is_warmup_checkpoint(point):
         metrics.resume_at(checkpoint_step(point), phase="warmup")
+    else:  # a main-run checkpoint
+        metrics.resume_at(checkpoint_step(point))
 
 
 def _resume_totals(ckpt: Optional[str]) -> Optional[dict]:

@@ -33,7 +33,7 @@ from typing import Iterator, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint, set_seed
+from transformers.trainer_utils import SaveStrategy, get_last_checkpoint, set_seed
 
 from ..labelled_loss import sequence_mean_nll
 from ..masks import compute_masks, load_masks, save_masks
@@ -68,7 +68,7 @@ def checkpoint_step(ckpt: str) -> int:
     return int(os.path.basename(os.path.normpath(ckpt)).rsplit("-", 1)[1])
 
 
-def _is_warmup_checkpoint(path: str) -> bool:
+def is_warmup_checkpoint(path: str) -> bool:
     """A checkpoint folder the warm-up wrote (its schedule file says phase ``warmup``), or a warm-up masks file."""
     if os.path.isfile(path):
         return os.path.basename(os.path.dirname(os.path.abspath(path))) == WARMUP_DIR
@@ -323,7 +323,7 @@ class RosaTrainer(Trainer):
             batches = list(self._micro_batches(sched.warmup_steps * accum, n))
             masks = compute_masks(model, batches, criterion=sched.mask_criterion, budget=sched.mask_budget,
                                   seed=sched.seed, progress=not self.args.disable_tqdm)
-            if self._saves_checkpoints() and self.args.should_save:
+            if self.args.save_strategy != SaveStrategy.NO and self.args.should_save:
                 # the warm-up's only product: a run killed before its first checkpoint resumes from here
                 os.makedirs(warmup_dir, exist_ok=True)
                 save_masks(masks, os.path.join(warmup_dir, MASKS_FILE))
@@ -333,9 +333,6 @@ class RosaTrainer(Trainer):
         model.set_masks(masks)
         init_adapter_weights(model, sched.seed)  # the restart: a fresh LoRA init from the same seed
         return masks
-
-    def _saves_checkpoints(self) -> bool:
-        return str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) != "no"
 
     def _run_warmup(self, warmup_dir: str, resume_from: Optional[str]) -> None:
         """The warm-up: a Trainer.train() of its own, cut short, checkpointing into ``warmup_dir``.
@@ -375,7 +372,7 @@ class RosaTrainer(Trainer):
                 warm = warmup_resume_point(self.args.output_dir)
                 if warm is None:
                     raise UserError(f"no checkpoint found in {self.args.output_dir}")
-        elif ckpt is not None and _is_warmup_checkpoint(os.fspath(ckpt)):
+        elif ckpt is not None and is_warmup_checkpoint(os.fspath(ckpt)):
             ckpt, warm = None, os.fspath(ckpt)
         model = self.model
         if isinstance(model, RosaModel) and self.schedule.needs_masks and not model.get_masks():
