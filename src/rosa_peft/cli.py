@@ -84,40 +84,15 @@ def user_error_message(exc: BaseException) -> str | None:
     """The one line ``rosa`` prints for an error the user must fix, or None for a bug (kept as a traceback).
 
     User errors: :class:`UserError` (input checks raise it on purpose; ``NonFiniteLossError`` is one), any
-    ``OSError`` (a missing or existing file, a full disk), a file that is not JSON / UTF-8 text, a ``ValueError``
-    raised inside one of :data:`INPUT_VALIDATION_MODULES`, and torch's failed-write ``RuntimeError``.
+    ``OSError`` (a missing or existing file, a full disk), a file that is not JSON / UTF-8 text, and torch's
+    failed-write ``RuntimeError``. Any other ``ValueError`` is a bug of rosa-peft (or of a library it calls)
+    and keeps its traceback.
     """
     if isinstance(exc, (UserError, OSError, json.JSONDecodeError, UnicodeDecodeError)):
-        return str(exc)
-    if isinstance(exc, ValueError) and _in_input_validation(raised_in(exc)):
         return str(exc)
     if isinstance(exc, RuntimeError) and _is_write_failure(exc):  # torch.save: optimizer / scheduler states
         return f"could not write a file (is the disk full?): {_first_line(exc)}"
     return None
-
-
-# Modules that validate user input but still raise plain ValueError for it (they predate UserError):
-# a ValueError raised *inside* one of them (or a submodule) is reported like a UserError. A module leaves
-# this list once its input checks raise UserError (the applications -- train, eval, bench, study, demo,
-# options, utils.io -- and tasks, bases and masks have left it: a plain ValueError from them is a bug and
-# keeps its traceback). Each name must import (tests/unit/test_cli.py checks).
-INPUT_VALIDATION_MODULES = (
-    "rosa_peft.model",  # adapter files: unreadable safetensors, tensors that do not fit, another base model
-)
-
-
-def raised_in(exc: BaseException) -> str | None:
-    """The ``__name__`` of the module whose code raised ``exc`` (its innermost traceback frame)."""
-    tb = exc.__traceback__
-    if tb is None:
-        return None
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_globals.get("__name__")
-
-
-def _in_input_validation(module: str | None) -> bool:
-    return module is not None and any(module == m or module.startswith(m + ".") for m in INPUT_VALIDATION_MODULES)
 
 
 def _is_write_failure(exc: BaseException) -> bool:

@@ -39,6 +39,7 @@ from .modules_to_save import (
     wrap_modules_to_save,
 )
 from .targets import find_targets_for
+from .utils.checks import UserError
 from .utils.io import atomic_save_safetensors
 from .utils.model_loading import _ALIASES
 
@@ -153,7 +154,7 @@ class RosaModel(nn.Module):
         for name, module in zip(names, layers):
             out_f, in_f = _module_shape(module)
             if config.index_dtype == "int16" and in_f > 32768:
-                raise ValueError(f"index_dtype='int16' cannot address the {in_f} columns of {name!r}")
+                raise UserError(f"index_dtype='int16' cannot address the {in_f} columns of {name!r}")
         if not self.peft_config:  # first adapter: freeze the base model
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -421,26 +422,26 @@ class RosaModel(nn.Module):
         layers = dict(self.rosa_layers())
         unknown = sorted(set(masks) - set(layers))
         if unknown:
-            raise ValueError(f"masks name modules that carry no RoSA adapter: {', '.join(unknown[:5])}"
+            raise UserError(f"masks name modules that carry no RoSA adapter: {', '.join(unknown[:5])}"
                              f"{' ...' if len(unknown) > 5 else ''}")
         selected = 0
         for key, mask in masks.items():
             if not isinstance(mask, torch.Tensor):
-                raise ValueError(f"mask for {key!r} is a {type(mask).__name__}, not a tensor")
+                raise UserError(f"mask for {key!r} is a {type(mask).__name__}, not a tensor")
             if name not in layers[key].rosa_spa:
-                raise ValueError(f"layer {key!r} carries no adapter {name!r}")
+                raise UserError(f"layer {key!r} carries no adapter {name!r}")
             shape = (layers[key].out_features, layers[key].in_features)
             if tuple(mask.shape) != shape:
-                raise ValueError(f"mask for {key!r} has shape {tuple(mask.shape)}, the weight is {shape}")
+                raise UserError(f"mask for {key!r} has shape {tuple(mask.shape)}, the weight is {shape}")
             if name in layers[key].merged_adapters:
                 raise ValueError(f"adapter {name!r} is merged in {key!r}; call unmerge_adapter() first")
             nnz = int(mask.count_nonzero())
             if nnz == mask.numel():
-                raise ValueError(f"mask for {key!r} selects all {nnz} entries of the {shape[0]}x{shape[1]} weight; "
+                raise UserError(f"mask for {key!r} selects all {nnz} entries of the {shape[0]}x{shape[1]} weight; "
                                  "a sparse adapter's density must be < 1")
             selected += nnz
         if masks and selected == 0 and self.peft_config[name].density > 0:
-            raise ValueError(f"masks select no entry in any layer ({len(masks)} layers, e.g. {next(iter(masks))!r}) "
+            raise UserError(f"masks select no entry in any layer ({len(masks)} layers, e.g. {next(iter(masks))!r}) "
                              f"although adapter {name!r} has density {self.peft_config[name].density:g}")
         for key, mask in masks.items():
             layers[key].set_mask(name, mask)
@@ -880,7 +881,7 @@ def _read_adapter_file(adapter_dir: str, device: Optional[str] = None) -> dict[s
         raise
     except Exception as exc:  # safetensors' SafetensorError (not exported under a stable name), OSError, ...
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{path}: not a readable safetensors file ({detail})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({detail})") from None
 
 
 _FLOAT_PARTS = ("lora_A.weight", "lora_B.weight", "rosa_spa.values")
@@ -912,13 +913,13 @@ def _check_state_fits(model: nn.Module, config: RosaConfig, state: dict, source:
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{source}: {key!r} is a {type(tensor).__name__}, not a tensor")
+            raise UserError(f"{source}: {key!r} is a {type(tensor).__name__}, not a tensor")
         if _SAVE_PART in key:
             continue  # modules_to_save: checked below
         part = next((p for p in _PARTS if key.endswith("." + p)), None)
         module_name = key[: -len(part) - 1] if part else None
         if part is None or module_name not in name_set:
-            raise ValueError(f"{source}: unexpected tensor {key!r}: no target module of the base model has it")
+            raise UserError(f"{source}: unexpected tensor {key!r}: no target module of the base model has it")
         found.setdefault(module_name, {})[part] = tensor
     for module_name in names:
         parts = found.get(module_name, {})
@@ -928,39 +929,39 @@ def _check_state_fits(model: nn.Module, config: RosaConfig, state: dict, source:
         r = config.rank_for(module_name)
         lora = [p for p in ("lora_A.weight", "lora_B.weight") if p in parts]
         if r == 0 and lora:
-            raise ValueError(f"{source}: unexpected tensor {module_name + '.' + lora[0]!r}: the config gives "
+            raise UserError(f"{source}: unexpected tensor {module_name + '.' + lora[0]!r}: the config gives "
                              f"layer {module_name!r} rank 0")
         if r > 0:
             for p in ("lora_A.weight", "lora_B.weight"):
                 if p not in parts:
-                    raise ValueError(f"{source}: missing tensor {module_name + '.' + p!r} (layer {module_name!r} "
+                    raise UserError(f"{source}: missing tensor {module_name + '.' + p!r} (layer {module_name!r} "
                                      f"has rank {r} in the config)")
         sparse = [p for p in _SPARSE_PARTS if p in parts]
         if sparse and len(sparse) != len(_SPARSE_PARTS):
             lacking = next(p for p in _SPARSE_PARTS if p not in parts)
-            raise ValueError(f"{source}: missing tensor {module_name + '.' + lacking!r}: layer {module_name!r} "
+            raise UserError(f"{source}: missing tensor {module_name + '.' + lacking!r}: layer {module_name!r} "
                              f"has {module_name + '.' + sparse[0]!r} but a sparse adapter needs values, "
                              "row_offsets and col_indices")
         if sparse and config.density_for(module_name) == 0:
-            raise ValueError(f"{source}: unexpected sparse tensors for layer {module_name!r} "
+            raise UserError(f"{source}: unexpected sparse tensors for layer {module_name!r} "
                              f"({module_name + '.rosa_spa.values'!r}): the config gives it density 0")
         for part, tensor in parts.items():
             key = f"{module_name}.{part}"
             if part in _FLOAT_PARTS and not tensor.is_floating_point():
-                raise ValueError(f"{source}: {key!r} has dtype {tensor.dtype}, expected a floating-point dtype")
+                raise UserError(f"{source}: {key!r} has dtype {tensor.dtype}, expected a floating-point dtype")
             if part in _INDEX_PARTS and (tensor.is_floating_point() or tensor.is_complex()
                                          or tensor.dtype == torch.bool):
-                raise ValueError(f"{source}: {key!r} has dtype {tensor.dtype}, expected an integer dtype")
+                raise UserError(f"{source}: {key!r} has dtype {tensor.dtype}, expected an integer dtype")
             expected = {"lora_A.weight": (r, a_in), "lora_B.weight": (b_out, r),
                         "rosa_spa.row_offsets": (out_f + 1,)}.get(part)
             if part in ("rosa_spa.values", "rosa_spa.col_indices"):
                 if tensor.dim() != 1:
-                    raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected one dimension")
+                    raise UserError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, expected one dimension")
             elif expected is not None and tuple(tensor.shape) != expected:
-                raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, the base model needs {expected}")
+                raise UserError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, the base model needs {expected}")
             bad = _nonfinite(tensor)
             if bad:
-                raise ValueError(f"{source}: {key!r} (layer {module_name!r}) holds {bad} values")
+                raise UserError(f"{source}: {key!r} (layer {module_name!r}) holds {bad} values")
         if sparse:
             _check_csr(source, module_name, parts, out_f, in_f)
     _check_nnz_budget(source, config, {n: found[n] for n in names if "rosa_spa.values" in found.get(n, {})}, model)
@@ -972,22 +973,22 @@ def _check_csr(source: str, module_name: str, parts: dict, out_f: int, in_f: int
     nnz = values.numel()
     where = f"{source}: layer {module_name!r}"
     if cols.numel() != nnz:
-        raise ValueError(f"{where}: {cols.numel()} col_indices for {nnz} values")
+        raise UserError(f"{where}: {cols.numel()} col_indices for {nnz} values")
     if nnz >= out_f * in_f:
-        raise ValueError(f"{where}: the sparse adapter holds {nnz} entries of a {out_f}x{in_f} weight; "
+        raise UserError(f"{where}: the sparse adapter holds {nnz} entries of a {out_f}x{in_f} weight; "
                          "its density must be < 1")
     offsets = offsets.to(torch.int64)
     if int(offsets[0]) != 0 or int(offsets[-1]) != nnz or bool((offsets[1:] < offsets[:-1]).any()):
-        raise ValueError(f"{where}: row_offsets is not a CSR offset array for {nnz} values "
+        raise UserError(f"{where}: row_offsets is not a CSR offset array for {nnz} values "
                          f"(it must start at 0, never decrease and end at {nnz})")
     if nnz:
         cols = cols.to(torch.int64)
         if int(cols.min()) < 0 or int(cols.max()) >= in_f:
             bad = int(cols.max()) if int(cols.max()) >= in_f else int(cols.min())
-            raise ValueError(f"{where}: col_indices holds column {bad} of a {in_f}-column weight")
+            raise UserError(f"{where}: col_indices holds column {bad} of a {in_f}-column weight")
         rows = torch.repeat_interleave(torch.arange(out_f, device=offsets.device), offsets.diff())
         if torch.unique(rows * in_f + cols.to(rows.device)).numel() != nnz:
-            raise ValueError(f"{where}: col_indices repeats a column within a row")
+            raise UserError(f"{where}: col_indices repeats a column within a row")
 
 
 def _check_nnz_budget(source: str, config: RosaConfig, sparse: dict, model: nn.Module) -> None:
@@ -1011,7 +1012,7 @@ def _check_nnz_budget(source: str, config: RosaConfig, sparse: dict, model: nn.M
             worst = (excess, module_name, nnz, d, out_f, in_f)
     if total > allowed + _NNZ_SIGMAS * math.sqrt(variance):
         _, module_name, nnz, d, out_f, in_f = worst
-        raise ValueError(f"{source}: the sparse adapter holds {total} entries, more than the config's density "
+        raise UserError(f"{source}: the sparse adapter holds {total} entries, more than the config's density "
                          f"allows ({allowed}); e.g. layer {module_name!r} holds {nnz} of {out_f}x{in_f} for "
                          f"density {d:g} (the adapter was saved with another density; pass config= to match)")
 
@@ -1027,18 +1028,18 @@ def _check_modules_to_save_state(model: nn.Module, config: RosaConfig, state: di
             expected.update({f"{name}{SEP}{k}": v for k, v in original.state_dict().items()})
     extra = sorted(set(given) - set(expected))
     if extra:
-        raise ValueError(f"{source}: unexpected tensor {extra[0]!r}: no module of the config's modules_to_save "
+        raise UserError(f"{source}: unexpected tensor {extra[0]!r}: no module of the config's modules_to_save "
                          f"({config.modules_to_save}) has it")
     missing = sorted(set(expected) - set(given))
     if missing:
-        raise ValueError(f"{source}: missing tensor {missing[0]!r} (modules_to_save {config.modules_to_save})")
+        raise UserError(f"{source}: missing tensor {missing[0]!r} (modules_to_save {config.modules_to_save})")
     for key, tensor in given.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, the base model needs "
+            raise UserError(f"{source}: {key!r} has shape {tuple(tensor.shape)}, the base model needs "
                              f"{tuple(expected[key].shape)}")
         bad = _nonfinite(tensor)
         if bad:
-            raise ValueError(f"{source}: {key!r} holds {bad} values")
+            raise UserError(f"{source}: {key!r} holds {bad} values")
 
 
 def _base_names(name: str) -> set[str]:
@@ -1069,7 +1070,7 @@ def _check_base_name(model: nn.Module, config: RosaConfig, source: str) -> None:
         return
     if _base_names(saved) & _base_names(have):
         return
-    raise ValueError(f"{source}: the adapter was saved for base model {saved!r}, but the base model is {have!r}; "
+    raise UserError(f"{source}: the adapter was saved for base model {saved!r}, but the base model is {have!r}; "
                      "pass config= with base_model_name_or_path=None to load it anyway")
 
 

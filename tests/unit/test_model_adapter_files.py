@@ -21,6 +21,7 @@ from conftest import make_tiny_llama
 from rosa_peft import RosaConfig, RosaModel, get_rosa_model, set_rosa_model_state_dict
 from rosa_peft.layer import RosaLayer
 from rosa_peft.masks import compute_masks
+from rosa_peft.utils.checks import UserError
 
 Q = "model.layers.0.self_attn.q_proj"
 UP = "model.layers.1.mlp.up_proj"
@@ -171,6 +172,7 @@ def _same(a, b):
 
 def _check(exc, path, fname, pattern):
     msg = str(exc.value)
+    assert isinstance(exc.value, UserError), type(exc.value)  # `rosa`'s one-line error, not a traceback
     assert "\n" not in msg, msg
     assert msg.startswith(str(path / fname) + ": "), msg
     assert re.search(pattern, msg), msg

@@ -83,6 +83,19 @@ DEAD_LOGS = 3  # logged steps in a row at loss >= DEAD_LOSS_FRACTION·ln|V| with
 DEAD_LOSS_FRACTION = 0.98
 
 
+def _install_mask_file(model: RosaModel, path: str, seed: Optional[int] = None) -> dict:
+    """Install the masks saved in ``path`` (and, with ``seed``, the restart's fresh LoRA init); returns them.
+    A mask that does not fit this model is a UserError naming the file."""
+    masks = load_masks(path)
+    try:
+        model.set_masks(masks)
+    except UserError as exc:
+        raise UserError(f"masks file {path!r}: {exc}") from None
+    if seed is not None:
+        init_adapter_weights(model, seed)
+    return masks
+
+
 class NonFiniteLossError(UserError):
     """Training hit a NaN/inf loss or gradient norm; ``step`` is the optimizer step (1-based) it happened in.
 
@@ -303,33 +316,32 @@ class RosaTrainer(Trainer):
         warmup_dir = os.path.join(self.args.output_dir, WARMUP_DIR)
         if sched.mode == "masks_file":
             self._enter_phase("masks", source=sched.masks_path)
-            masks = load_masks(sched.masks_path)
-        elif resume_warmup is not None and os.path.isfile(resume_warmup):
+            return _install_mask_file(model, sched.masks_path, sched.seed)
+        if resume_warmup is not None and os.path.isfile(resume_warmup):
             self._enter_phase("masks", source=resume_warmup)
-            masks = load_masks(resume_warmup)
-        else:
-            init_adapter_weights(model, sched.seed)
-            finished = resume_warmup is not None and checkpoint_step(resume_warmup) >= sched.warmup_steps
-            if sched.warmup_steps > 0 and finished:
-                # the warm-up had finished (killed while scoring): its weights are all the scoring needs, and
-                # Trainer.train from a checkpoint at max_steps would still take one more step
-                self._enter_phase("warmup", steps=sched.warmup_steps, resumed_from=resume_warmup)
-                self._load_from_checkpoint(resume_warmup)
-            elif sched.warmup_steps > 0:
-                self._run_warmup(warmup_dir, resume_warmup)
-            accum = self.args.gradient_accumulation_steps
-            n = sched.mask_grad_steps * accum
-            self._enter_phase("masks", criterion=sched.mask_criterion, micro_batches=n, budget=sched.mask_budget)
-            batches = list(self._micro_batches(sched.warmup_steps * accum, n))
-            masks = compute_masks(model, batches, criterion=sched.mask_criterion, budget=sched.mask_budget,
-                                  seed=sched.seed, progress=not self.args.disable_tqdm)
-            if self.args.save_strategy != SaveStrategy.NO and self.args.should_save:
-                # the warm-up's only product: a run killed before its first checkpoint resumes from here
-                os.makedirs(warmup_dir, exist_ok=True)
-                save_masks(masks, os.path.join(warmup_dir, MASKS_FILE))
-                for name in os.listdir(warmup_dir):
-                    if name.startswith("checkpoint-"):
-                        shutil.rmtree(os.path.join(warmup_dir, name), ignore_errors=True)
+            return _install_mask_file(model, resume_warmup, sched.seed)
+        init_adapter_weights(model, sched.seed)
+        finished = resume_warmup is not None and checkpoint_step(resume_warmup) >= sched.warmup_steps
+        if sched.warmup_steps > 0 and finished:
+            # the warm-up had finished (killed while scoring): its weights are all the scoring needs, and
+            # Trainer.train from a checkpoint at max_steps would still take one more step
+            self._enter_phase("warmup", steps=sched.warmup_steps, resumed_from=resume_warmup)
+            self._load_from_checkpoint(resume_warmup)
+        elif sched.warmup_steps > 0:
+            self._run_warmup(warmup_dir, resume_warmup)
+        accum = self.args.gradient_accumulation_steps
+        n = sched.mask_grad_steps * accum
+        self._enter_phase("masks", criterion=sched.mask_criterion, micro_batches=n, budget=sched.mask_budget)
+        batches = list(self._micro_batches(sched.warmup_steps * accum, n))
+        masks = compute_masks(model, batches, criterion=sched.mask_criterion, budget=sched.mask_budget,
+                              seed=sched.seed, progress=not self.args.disable_tqdm)
+        if self.args.save_strategy != SaveStrategy.NO and self.args.should_save:
+            # the warm-up's only product: a run killed before its first checkpoint resumes from here
+            os.makedirs(warmup_dir, exist_ok=True)
+            save_masks(masks, os.path.join(warmup_dir, MASKS_FILE))
+            for name in os.listdir(warmup_dir):
+                if name.startswith("checkpoint-"):
+                    shutil.rmtree(os.path.join(warmup_dir, name), ignore_errors=True)
         model.set_masks(masks)
         init_adapter_weights(model, sched.seed)  # the restart: a fresh LoRA init from the same seed
         return masks
@@ -379,7 +391,7 @@ class RosaTrainer(Trainer):
             if ckpt and os.path.isfile(os.path.join(ckpt, MASKS_FILE)):
 
                 self._enter_phase("masks", source=os.path.join(ckpt, MASKS_FILE))
-                model.set_masks(load_masks(os.path.join(ckpt, MASKS_FILE)))
+                _install_mask_file(model, os.path.join(ckpt, MASKS_FILE))
             else:
                 self.obtain_masks(resume_warmup=warm)
         self._enter_phase("train", steps=self.full_run_steps(), resumed_from=ckpt or "-")

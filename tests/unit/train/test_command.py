@@ -148,6 +148,16 @@ def test_budget_too_small_for_the_method(tmp_path, data_dir, smollm2):
                   "too small", "1,000")
 
 
+def test_masks_file_that_does_not_fit_the_model(tmp_path, data_dir, smollm2):
+    from rosa_peft.masks import save_masks
+
+    layer = "model.layers.0.self_attn.q_proj"  # SmolLM2's q_proj is 576x576: a 3x3 mask is another model's
+    path = tmp_path / "other-model-masks.safetensors"
+    save_masks({layer: torch.eye(3, dtype=torch.bool)}, str(path))
+    _expect_error(tmp_path, ["--task", "viggo", "--data-dir", data_dir, "--method", "spa", "--masks", path],
+                  str(path), repr(layer), "(3, 3)")
+
+
 def test_failure_after_the_directory_was_created_removes_it(tmp_path, data_dir, smollm2, monkeypatch):
     from rosa_peft.train import trainer as trainer_mod
 
