@@ -27,7 +27,8 @@ from .bases import base_shape, resolve_base_kind
 from .config import CONFIG_NAME, RosaConfig
 from .embedding import RosaEmbedding
 from .labelled_loss import check_reduction, labelled_loss, sequence_mean_nll
-from .layer import BASE_ONLY, RosaLayer, RosaLinear
+from .layer import BASE_ONLY, RosaLayer, RosaLinear, _is_sharded
+from .sparse.storage import SHARDED_MASK_FIX
 from .modules_to_save import (
     SEP,
     ModulesToSaveWrapper,
@@ -415,11 +416,17 @@ class RosaModel(nn.Module):
 
     # ---- masks -----------------------------------------------------------------------------------------
     def set_masks(self, masks: dict[str, torch.Tensor], adapter_name: Optional[str] = None) -> None:
-        """Install sparse masks: {module name: bool tensor of the weight's shape}. Validated before any change."""
+        """Install sparse masks: {module name: bool tensor of the weight's shape}. Validated before any change.
+        Not on a model sharded with FSDP2: set the masks first, then ``fully_shard`` (RuntimeError)."""
         name = adapter_name or self._active[0]
         if name not in self.peft_config:
             raise ValueError(f"unknown adapter {name!r}; have {sorted(self.peft_config)}")
         layers = dict(self.rosa_layers())
+        sharded = next((k for k in masks if k in layers and name in layers[k].rosa_spa
+                        and _is_sharded(layers[k].rosa_spa[name].values)), None)
+        if sharded is not None:
+            raise RuntimeError(f"{sharded}: the model is sharded with FSDP2, which owns the sparse values' "
+                               f"parameter; {SHARDED_MASK_FIX}")
         unknown = sorted(set(masks) - set(layers))
         if unknown:
             raise UserError(f"masks name modules that carry no RoSA adapter: {', '.join(unknown[:5])}"

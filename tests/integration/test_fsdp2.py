@@ -5,7 +5,10 @@ to ``impl="sp_add"`` and sharded per decoder layer and at the root; each rank ta
 mean loss, every trainable gradient and the parameters after one AdamW step equal one unsharded process on
 the whole batch; ``save_pretrained`` gathers the sharded adapter on every rank and writes it once, and the
 file reloads into a plain model with the same logits. Left in ``merged``, the sharded model refuses to run
-(``merged`` writes into the weight FSDP shards) instead of computing wrong gradients.
+(``merged`` writes into the weight FSDP shards) instead of computing wrong gradients. Mask scoring
+(``compute_masks``) on the sharded model, each rank on its half, gives the masks of one process on both
+halves; installing them there is refused (FSDP owns the values' Parameter and would swap a new one out at
+every forward, so the sparse part would silently neither run nor train) and changes nothing.
 """
 import json
 import os
@@ -27,6 +30,7 @@ out, tests = sys.argv[1], sys.argv[2]
 sys.path.insert(0, tests)
 from conftest import make_tiny_llama
 from rosa_peft import RosaConfig, RosaModel, get_rosa_model
+from rosa_peft.masks import compute_masks
 from torch.distributed.fsdp import fully_shard
 
 dist.init_process_group("gloo")
@@ -34,12 +38,13 @@ rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 
 
-def build():
+def build(masks=True, **kw):
     model = get_rosa_model(make_tiny_llama(0), RosaConfig(r=2, density=0.05, lora_dropout=0.0,
-                                                           init_lora_weights=False))
-    g = torch.Generator().manual_seed(5)
-    model.set_masks({n: torch.rand(l.out_features, l.in_features, generator=g) < 0.05
-                     for n, l in model.rosa_layers()})
+                                                           init_lora_weights=False, **kw))
+    if masks:
+        g = torch.Generator().manual_seed(5)
+        model.set_masks({n: torch.rand(l.out_features, l.in_features, generator=g) < 0.05
+                         for n, l in model.rosa_layers()})
     return model
 
 
@@ -83,6 +88,23 @@ ref_params = dict(reference.named_parameters())
 info["param_diff"] = max(float((p.full_tensor() - ref_params[n]).abs().max())
                          for n, p in model.named_parameters() if p.requires_grad)
 model.save_pretrained(os.path.join(out, "adapter"), is_main_process=rank == 0)
+
+# mask scoring on a sharded model: each rank scores its half, the statistics are summed over the ranks
+halves = [{"input_ids": ids[i * half:(i + 1) * half], "labels": ids[i * half:(i + 1) * half]} for i in range(world)]
+ref_masks = compute_masks(build(masks=False), halves, criterion="fisher", progress=False)
+scored = build(masks=False, impl="sp_add")
+for layer in scored.model.model.layers:
+    fully_shard(layer)
+fully_shard(scored)
+masks = compute_masks(scored, [halves[rank]], criterion="fisher", progress=False)
+info["masks_equal"] = masks.keys() == ref_masks.keys() and all(torch.equal(masks[k], ref_masks[k]) for k in masks)
+info["mask_entries"] = sum(int(m.sum()) for m in masks.values())
+try:  # FSDP owns the (empty) values Parameter: a new one would be swapped out at every forward
+    scored.set_masks(masks)
+    info["set_masks_error"] = None
+except RuntimeError as exc:
+    info["set_masks_error"] = str(exc)
+info["values_after_refusal"] = sum(int(l.rosa_spa["default"].nnz) for _, l in scored.rosa_layers())
 dist.barrier()
 if rank == 0:
     loaded = RosaModel.from_pretrained(make_tiny_llama(0), os.path.join(out, "adapter"))
@@ -136,3 +158,12 @@ def test_sp_add_under_fsdp2_matches_one_process(infos):
 
 def test_adapter_saved_once_from_the_sharded_model_reloads(infos):
     assert infos[0]["reload_diff"] < 1e-5
+
+
+def test_masks_scored_on_the_sharded_model_equal_one_process_and_are_not_installed_there(infos):
+    for info in infos:
+        assert info["masks_equal"] and info["mask_entries"] > 0, info
+        msg = info["set_masks_error"]
+        assert msg and msg.startswith("model.layers.0.") and "sharded with FSDP2" in msg and "fully_shard" in msg, msg
+        assert "\n" not in msg
+        assert info["values_after_refusal"] == 0, info

@@ -15,6 +15,13 @@ from ..config import INDEX_DTYPES
 from ..utils.checks import check_choice
 
 INT16_MAX = torch.iinfo(torch.int16).max
+try:  # torch builds without distributed support have no DTensor
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
+
+SHARDED_MASK_FIX = ("masks must be installed before sharding: compute_masks works on the sharded model, then "
+                    "build the model again, set_masks and fully_shard it (docs/training.md, FSDP2)")
 
 
 def index_dtype_for(n_cols: int, requested: str = "int32") -> torch.dtype:
@@ -127,6 +134,10 @@ class SparseAdapter(nn.Module):
         )
 
     def _install(self, row_offsets, col_indices, init_values) -> None:
+        if _DTensor is not None and isinstance(self.values, _DTensor):
+            # FSDP2 owns this Parameter: a new one would be swapped back for its (empty) shard at every
+            # forward, and the sparse part would silently neither run nor train
+            raise RuntimeError(f"the sparse values are sharded (FSDP2 fully_shard); {SHARDED_MASK_FIX}")
         device = self.values.device
         self.row_offsets = row_offsets.to(device)
         self.col_indices = col_indices.to(device)
