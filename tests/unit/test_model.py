@@ -94,6 +94,46 @@ def test_merged_base_tracks_optimizer_and_restores_w0():
     assert not any(isinstance(m, RosaLinear) for m in plain.modules())
 
 
+@pytest.mark.parametrize("impl", ["merged", "sp_add"])
+def test_optimizer_built_before_the_masks_trains_the_sparse_values(impl):
+    """A hand-written loop: one optimizer over the trainable parameters from the start, LoRA-only steps,
+    then set_masks. The sparse values must train from there: the first set_masks keeps the values'
+    Parameter object (now with nnz entries), which the optimizer holds. Before, it installed a new
+    Parameter that no optimizer held, and the values silently stayed at zero. Replacing trained values
+    (a second set_masks) installs a new Parameter, so no optimizer state for the old positions is applied
+    to the new ones."""
+    def run(optimizer_first):
+        torch.manual_seed(0)
+        model = get_rosa_model(make_tiny_llama(seed=0), RosaConfig(r=2, density=0.1, impl=impl, lora_dropout=0.0))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2) if optimizer_first else None
+        if optimizer_first:  # warm-up: LoRA-only steps; the empty values get no gradient and no state
+            for step in range(2):
+                model(input_ids=_ids(seed=step), labels=_ids(seed=step)).loss.backward()
+                opt.step(); opt.zero_grad()
+        before = {n: l.rosa_spa["default"].values for n, l in model.rosa_layers()}
+        model.set_masks(_masks(model, density=0.1, seed=3))
+        for n, l in model.rosa_layers():
+            assert l.rosa_spa["default"].values is before[n], n  # the same Parameter, now with nnz entries
+        if not optimizer_first:
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(3):
+            model(input_ids=_ids(seed=10 + step), labels=_ids(seed=10 + step)).loss.backward()
+            opt.step(); opt.zero_grad()
+        values = {n: l.rosa_spa["default"].values for n, l in model.rosa_layers()}
+        if optimizer_first:  # a re-mask: new Parameters, none of them held by the optimizer
+            model.set_masks(_masks(model, density=0.1, seed=4))
+            held = {id(p) for g in opt.param_groups for p in g["params"]}
+            assert all(l.rosa_spa["default"].values is not values[n] and id(l.rosa_spa["default"].values) not in held
+                       for n, l in model.rosa_layers())
+        return {n: v.detach().clone() for n, v in values.items()}
+
+    first, after = run(True), run(False)
+    for name, values in first.items():
+        assert values.numel() > 0 and bool((values != 0).all()), name  # every entry trained, none left at 0
+        assert values.shape == after[name].shape and bool((after[name] != 0).all()), name
+
+
 def test_save_load_roundtrip_and_merge(tmp_path):
     model = _wrapped("merged")
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

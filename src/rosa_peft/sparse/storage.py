@@ -145,7 +145,16 @@ class SparseAdapter(nn.Module):
         data = torch.zeros(nnz, dtype=self.values.dtype, device=device)
         if init_values is not None:
             data.copy_(init_values.reshape(-1))
-        self.values = nn.Parameter(data, requires_grad=self.values.requires_grad)
+        if self.values.numel() == 0:
+            # the first mask: the same Parameter object with the new data, so an optimizer built before the
+            # masks (over the trainable parameters, the empty values included) holds it and trains it from
+            # here; the empty values never had a gradient, so no optimizer has state for them
+            self.values.data = data
+            self.values.grad = None
+        else:
+            # replacing values: a new Parameter, so no optimizer applies its state for the old positions to
+            # the new ones (build the optimizer again after a re-mask)
+            self.values = nn.Parameter(data, requires_grad=self.values.requires_grad)
         self._cache = {}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
