@@ -8,6 +8,7 @@ import neither torch nor transformers. An error the user must fix is one line an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -71,13 +72,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
+        with _progress_bars(not getattr(args, "no_progress", False) and getattr(args, "progress", True) is not False):
+            return int(module.run(args) or 0)
     except Exception as exc:  # noqa: BLE001 - sorted below: the user's mistake is one line, a bug keeps its traceback
         message = user_error_message(exc)
         if message is None or os.environ.get("ROSA_PEFT_DEBUG"):
             raise
         print(f"rosa {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """``--no-progress`` silences transformers' and huggingface_hub's own bars too (loading weights,
+    downloads), not only rosa's; their previous state comes back afterwards."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on[0]:
+            hf_logging.enable_progress_bar()
+        if was_on[1]:
+            hub_utils.enable_progress_bars()
 
 
 def user_error_message(exc: BaseException) -> str | None:

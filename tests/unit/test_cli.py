@@ -425,3 +425,18 @@ def test_user_error_classification():
     with pytest.raises(ValueError) as info:  # a mask that does not fit the model: the user's input
         model.set_masks({"model.layers.0.self_attn.q_proj": torch.ones(3, 3, dtype=torch.bool)})
     assert cli.user_error_message(info.value) == str(info.value)
+
+
+def test_no_progress_silences_the_libraries_bars_and_restores_them():
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    from rosa_peft.cli import _progress_bars
+
+    assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    with _progress_bars(False):  # rosa eval/train/study/bench --no-progress
+        assert not hf_logging.is_progress_bar_enabled() and hub_utils.are_progress_bars_disabled()
+    assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+    with pytest.raises(RuntimeError), _progress_bars(False):  # restored after an error too
+        raise RuntimeError("boom")
+    assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()

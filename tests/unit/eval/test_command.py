@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from rosa_peft.cli import main
 from rosa_peft.eval import command
 
 from conftest import save_tiny_base, with_random_adapter
@@ -87,7 +88,7 @@ def test_bad_input_one_error_nothing_written(tmp_path, monkeypatch, argv, messag
     assert _listing(tmp_path) == []
 
 
-def test_adapter_dir_with_missing_files(tmp_path, tiny_run):
+def test_adapter_dir_with_missing_files(tmp_path, tiny_run, capsys):
     base, run = tiny_run
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -101,6 +102,14 @@ def test_adapter_dir_with_missing_files(tmp_path, tiny_run):
     (broken / "adapter_config.json").write_text("{ not json")
     status, err = rosa_eval("--model", base, "--adapter", broken, "--task", "sql-synth", "--output", out)
     assert status == 2 and "adapter_config.json: not valid JSON (line 1" in err
+    (broken / "adapter_config.json").write_text((run / "adapter_config.json").read_text())
+    weights = broken / "adapter_model.safetensors"  # truncated: refused by the library's adapter-file check
+    weights.write_bytes(weights.read_bytes()[:100])
+    status = main(["eval", "--model", str(base), "--adapter", str(broken), "--task", "sql-synth", "--output", str(out),
+                   "--no-progress"])  # through the CLI: a user error, one line, no traceback
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.startswith(f"rosa eval: error: {weights}: not a readable safetensors file"), err
+    assert "\n" not in err
     assert _listing(tmp_path) == ["broken"] and _listing(broken) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
