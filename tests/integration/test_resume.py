@@ -1,6 +1,7 @@
 """`rosa train --resume` edge cases, through run_training on a tiny Llama (CPU, a few steps):
-a finished run is a no-op; after a kill and a resume the totals cover the whole run; stale temporaries
-of a killed save are swept."""
+a finished run is a no-op; a resume with other options than the run started with is refused (a longer run,
+other save / log intervals are not); after a kill and a resume the totals cover the whole run; stale
+temporaries of a killed save are swept."""
 import json
 import os
 
@@ -58,6 +59,26 @@ def test_resume_of_a_finished_run_is_a_no_op(tiny_base, tmp_path, capsys):
     more = run_training(_opts(tiny_base, out, resume=True, max_steps=6))
     assert "already_complete" not in more and more["global_steps"] == 6
     assert json.loads((out / "run_config.json").read_text())["global_steps"] == 6
+
+
+def test_resume_with_other_options_is_refused_before_anything_changes(tiny_base, tmp_path):
+    from rosa_peft.utils.checks import UserError
+
+    out = tmp_path / "run"
+    run_training(_opts(tiny_base, out, max_steps=2))  # checkpointed, so the starting options are recorded
+    recorded = json.loads((out / "checkpoints" / "run_options.json").read_text())
+    assert recorded["grad_accum"] == 2 and recorded["seed"] == 0 and "save_steps" not in recorded
+    before = _snapshot(out)
+    for over, flag, now, then in [({"grad_accum": 3}, "--grad-accum", 3, 2), ({"seed": 1}, "--seed", 1, 0),
+                                  ({"method": "lora", "density": None}, "--method", "'lora'", "'rosa'")]:
+        with pytest.raises(UserError) as info:
+            run_training(_opts(tiny_base, out, resume=True, max_steps=4, **over))
+        assert str(info.value).startswith(f"--resume: {flag} is {now} here but {then} in the run being resumed"), info.value
+        assert "\n" not in str(info.value)
+        assert _snapshot(out) == before  # nothing loaded, written or removed
+    # a longer run, saved and logged at other intervals: allowed, and it continues from checkpoint-2
+    more = run_training(_opts(tiny_base, out, resume=True, max_steps=4, save_steps=1, logging_steps=2))
+    assert more["global_steps"] == 4 and json.loads((out / "checkpoints" / "run_options.json").read_text()) == recorded
 
 
 def test_totals_after_kill_and_resume_equal_an_uninterrupted_run(tiny_base, tmp_path, monkeypatch):

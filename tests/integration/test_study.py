@@ -340,7 +340,8 @@ def test_checkpointed_cell_continues_after_a_kill_and_matches_an_uninterrupted_o
     cell = out / "cells" / name
     partial = out / "cells" / f"{name}.partial.json"
     assert not (cell / "cell.json").exists() and partial.is_file()
-    assert sorted(os.listdir(cell / "checkpoints")) == ["checkpoint-1"]  # save_total_limit 1: only the newest
+    # save_total_limit 1: only the newest checkpoint, next to the options the run started with
+    assert sorted(os.listdir(cell / "checkpoints")) == ["checkpoint-1", "run_options.json"]
     capsys.readouterr()
     assert rosa_study(cfg, "--dry-run") == 0
     assert f"{name}  partial (continues from checkpoints/checkpoint-1)" in capsys.readouterr().out

@@ -272,6 +272,12 @@ def _schedule(opts: TrainOptions) -> ScheduleConfig:
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS_DIR = "checkpoints"  # under the run directory: HF Trainer's checkpoint-N folders
 TOTALS_FILE = "rosa_run_totals.json"  # in each checkpoint: loss sum and time of the whole run up to it
+OPTIONS_FILE = "run_options.json"  # in CHECKPOINTS_DIR: the options a checkpointed run started with
+# what --resume may change: where files are and go, how often the run logs and saves, how it shows
+# progress, how long it runs (a longer run continues), and how activations are computed (same math)
+RESUMABLE_CHANGES = ("output_dir", "data_dir", "resume", "progress", "logging_steps", "save_steps",
+                     "save_total_limit", "max_steps", "epochs", "gradient_checkpointing", "attn_implementation",
+                     "extra")
 # the options that fix an epoch-based run's length (compared with a finished run's when --max-steps is not given)
 _LENGTH_KEYS = ("task", "data", "data_dir", "train_split", "limit", "epochs", "max_steps", "batch_size",
                 "grad_accum", "max_seq_len")
@@ -300,6 +306,37 @@ def finished_run(opts: TrainOptions, out: str) -> Optional[dict]:
         return done if steps >= opts.max_steps else None
     same_length = all(done.get(k) == getattr(opts, k, None) for k in _LENGTH_KEYS)
     return done if same_length else None
+
+
+def _fixed_options(opts: TrainOptions) -> dict:
+    """The options a resumed run must keep, as JSON values (what OPTIONS_FILE holds)."""
+    fixed = {k: v for k, v in dataclasses.asdict(opts).items() if k not in RESUMABLE_CHANGES}
+    return json.loads(json.dumps(fixed, default=str))
+
+
+def check_resume_options(opts: TrainOptions, out: str) -> None:
+    """Refuse a --resume whose options differ from those the run started with (OPTIONS_FILE, written when a
+    checkpointed run starts): a resumed run with another learning rate, batch, seed, method, ... would
+    silently train a mixture. A run from before OPTIONS_FILE existed is not checked."""
+    path = os.path.join(out, CHECKPOINTS_DIR, OPTIONS_FILE)
+    if not os.path.isfile(path):
+        return
+    saved = read_json_object(path)
+    for key, value in _fixed_options(opts).items():
+        if key in saved and saved[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"--resume: {flag} is {value!r} here but {saved[key]!r} in the run being resumed "
+                            f"({path}); resume with the run's own options (only "
+                            f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES if k != 'extra')} "
+                            "may change)")
+
+
+def _record_options(opts: TrainOptions, out: str) -> None:
+    """Write OPTIONS_FILE for a run that checkpoints (once: a resume keeps the original)."""
+    path = os.path.join(out, CHECKPOINTS_DIR, OPTIONS_FILE)
+    if opts.save_steps and not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_text(path, json.dumps(_fixed_options(opts), indent=2) + "\n")
 
 
 def _checkpointing_args(enabled: bool) -> dict:
@@ -419,6 +456,7 @@ def run_training(opts: TrainOptions) -> dict:
             if main:
                 print(f"run in {out} is already complete ({done['global_steps']} steps); nothing to do", flush=True)
             return {**done, "already_complete": True}
+        check_resume_options(opts, out)  # before anything loads or is written
     if (main and os.path.isdir(out) and not opts.resume
             and any(not is_temp_name(n) for n in os.listdir(out))):
         raise FileExistsError(f"output directory {out} is not empty (pass --resume to continue it, or choose another)")
@@ -434,6 +472,7 @@ def run_training(opts: TrainOptions) -> dict:
         os.makedirs(out, exist_ok=True)
         for path in remove_stale_temp_files(out):
             log.info("removed %s, a temporary file left by a killed earlier run", path)
+        _record_options(opts, out)
     try:
         metrics = MetricsWriter(os.path.join(out, "metrics.jsonl"), append=opts.resume, enabled=main)
         resume_ckpt = last_checkpoint(out) if opts.resume else None

@@ -196,7 +196,7 @@ def test_rosa_train_nan_exits_2_and_writes_no_adapter(tmp_path, tiny_base, monke
         assert not (out / final).exists(), final
     if save_steps:  # the checkpoints before the bad step stay, with a strict-JSON metrics file
         ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
-        assert ckpts == ["checkpoint-1", "checkpoint-2"]
+        assert ckpts == ["checkpoint-1", "checkpoint-2", "run_options.json"]  # what --resume checks
         records = _strict_records(out / "metrics.jsonl")
         assert [r["step"] for r in records if r["event"] == "log" and r.get("phase") == "train"] == [1, 2]
     else:  # nothing worth resuming: no partial directory
