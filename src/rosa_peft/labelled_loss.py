@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from .layer import _is_sharded
+from .utils.device import is_sharded
 
 # model_type -> its *ForCausalLM forward is ``logits = lm_head(base_model(...).last_hidden_state)``, then
 # transformers' ForCausalLMLoss; MoE models (an auxiliary loss), Gemma 2/3 (soft-capping), Cohere and
@@ -45,7 +45,7 @@ def _head_and_decoder(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]
     decoder = getattr(model, "base_model", None)
     if not isinstance(head, nn.Module) or not isinstance(decoder, nn.Module) or decoder is model:
         return None
-    if _is_sharded(getattr(head, "weight", None)):  # FSDP2: leave the gathering to the model
+    if is_sharded(getattr(head, "weight", None)):  # FSDP2: leave the gathering to the model
         return None
     if getattr(model, "loss_function", ForCausalLMLoss) is not ForCausalLMLoss:  # a loss_type or a custom loss
         return None

@@ -37,14 +37,10 @@ from .bases.float import CONV1D, FLOAT_LINEAR  # noqa: F401
 from .config import RosaConfig
 from .function import rosa_linear
 from .sparse import SparseAdapter
+from .utils.device import is_sharded
 from .weight_source import MergedSource, QuantSpmmSource, SpAddSource, SparseOnlySource
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-try:  # torch builds without distributed support have no DTensor
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover
-    _DTensor = None
-
 BASE_ONLY = "__base__"  # the name that selects no adapter in a mixed batch (PEFT's convention)
 
 
@@ -80,11 +76,6 @@ def _after_load(layer: "RosaLayer", incompatible_keys):
 
 
 # ---- the shared layer ------------------------------------------------------------------------------
-def _is_sharded(weight) -> bool:
-    """A DTensor (FSDP2 / tensor-parallel shard) rather than a plain tensor."""
-    return _DTensor is not None and isinstance(weight, _DTensor)
-
-
 class RosaLayer(nn.Module):
     """What every RoSA layer shares (PEFT's ``BaseTunerLayer`` contract); subclasses provide the math."""
 
@@ -372,7 +363,7 @@ class RosaLayer(nn.Module):
             self._restore_base()
         if wanted is None:
             return
-        if _is_sharded(self.kind.weight(self.base_layer)):
+        if is_sharded(self.kind.weight(self.base_layer)):
             raise RuntimeError(
                 f"{self.module_name}: the base weight is sharded (FSDP2 DTensor), and impl='merged' writes W0 + S "
                 "into it, which FSDP re-gathers without it for backward; call model.set_impl('sp_add') before "

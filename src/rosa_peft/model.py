@@ -27,7 +27,7 @@ from .bases import base_shape, resolve_base_kind
 from .config import CONFIG_NAME, RosaConfig
 from .embedding import RosaEmbedding
 from .labelled_loss import check_reduction, labelled_loss, sequence_mean_nll
-from .layer import BASE_ONLY, RosaLayer, RosaLinear, _is_sharded
+from .layer import BASE_ONLY, RosaLayer, RosaLinear
 from .sparse.storage import SHARDED_MASK_FIX
 from .modules_to_save import (
     SEP,
@@ -41,6 +41,7 @@ from .modules_to_save import (
 )
 from .targets import find_targets_for
 from .utils.checks import UserError
+from .utils.device import is_sharded
 from .utils.io import atomic_save_safetensors
 from .utils.model_loading import _ALIASES
 
@@ -423,7 +424,7 @@ class RosaModel(nn.Module):
             raise ValueError(f"unknown adapter {name!r}; have {sorted(self.peft_config)}")
         layers = dict(self.rosa_layers())
         sharded = next((k for k in masks if k in layers and name in layers[k].rosa_spa
-                        and _is_sharded(layers[k].rosa_spa[name].values)), None)
+                        and is_sharded(layers[k].rosa_spa[name].values)), None)
         if sharded is not None:
             raise RuntimeError(f"{sharded}: the model is sharded with FSDP2, which owns the sparse values' "
                                f"parameter; {SHARDED_MASK_FIX}")

@@ -13,13 +13,9 @@ from torch import nn
 
 from ..config import INDEX_DTYPES
 from ..utils.checks import check_choice
+from ..utils.device import is_sharded
 
 INT16_MAX = torch.iinfo(torch.int16).max
-try:  # torch builds without distributed support have no DTensor
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover
-    _DTensor = None
-
 SHARDED_MASK_FIX = ("masks must be installed before sharding: compute_masks works on the sharded model, then "
                     "build the model again, set_masks and fully_shard it (docs/training.md, FSDP2)")
 
@@ -134,7 +130,7 @@ class SparseAdapter(nn.Module):
         )
 
     def _install(self, row_offsets, col_indices, init_values) -> None:
-        if _DTensor is not None and isinstance(self.values, _DTensor):
+        if is_sharded(self.values):
             # FSDP2 owns this Parameter: a new one would be swapped back for its (empty) shard at every
             # forward, and the sparse part would silently neither run nor train
             raise RuntimeError(f"the sparse values are sharded (FSDP2 fully_shard); {SHARDED_MASK_FIX}")

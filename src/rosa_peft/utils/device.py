@@ -1,9 +1,20 @@
-"""Where a model lives: the device of its parameters (HF models' ``.device`` first), CPU for none."""
+"""Where a model lives: the device of its parameters (HF models' ``.device`` first), CPU for none; and
+whether a tensor is a shard (FSDP2 / tensor parallelism) rather than the whole tensor."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
+
+try:  # torch builds without distributed support have no DTensor
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
+
+
+def is_sharded(tensor) -> bool:
+    """A DTensor (FSDP2 / tensor-parallel shard) rather than a plain tensor."""
+    return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
 def model_device(model) -> torch.device:
